@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from recipe.bapo.main_bapo import run_logged
 from recipe.data.tiny_assets import build_tiny_assets
 from recipe.report import write_report
 
@@ -41,8 +39,8 @@ def train(name: str, run_dir: Path, assets, steps: int, extra: list[str]) -> flo
     """One trainer run in a subprocess; returns its wall seconds. Raises with the log tail on failure."""
     out = run_dir / name
     out.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "recipe.bapo.main_bapo", "--config-name", "cpu_tiny",
+    args = [
+        "--config-name", "cpu_tiny",
         f"actor_rollout_ref.model.path={assets.model_dir}",
         f"data.train_files={assets.train_file}",
         f"data.val_files={assets.test_file}",
@@ -51,16 +49,14 @@ def train(name: str, run_dir: Path, assets, steps: int, extra: list[str]) -> flo
         f"trainer.default_local_dir={out / 'checkpoints'}",
         *RUNS[name], *extra,
     ]  # fmt: skip
-    env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(out / "metrics.jsonl"), "PYTHONUNBUFFERED": "1"}
     (out / "metrics.jsonl").unlink(missing_ok=True)
     print(f"[demo] training {name} ({steps} steps) -> {out}/train.log", flush=True)
     start = time.perf_counter()
-    with open(out / "train.log", "w") as log:
-        proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        command = run_logged(args, out / "train.log", env={"VERL_FILE_LOGGER_PATH": str(out / "metrics.jsonl")})
+    except RuntimeError as error:
+        raise RuntimeError(f"{name} training failed: {error}") from None
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = (out / "train.log").read_text()[-4000:]
-        raise RuntimeError(f"{name} training failed (exit {proc.returncode}); end of {out / 'train.log'}:\n{tail}")
     shown = " ".join(shlex.quote(c) for c in ["python", *command[1:]])
     (out / "run.json").write_text(json.dumps({"name": name, "command": shown, "wall_seconds": wall}, indent=2))
     print(f"[demo] {name} done in {wall:.0f}s", flush=True)

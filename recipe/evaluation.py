@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
+from recipe.bapo.main_bapo import run_logged
+
 DEFAULT_K = 16
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.95
@@ -71,13 +69,8 @@ def generate(model: str, data: list[str], k: int, out_dir: Path, cpu: bool, temp
     """Sample k responses per problem through verl's rollout; returns the per-sample JSONL path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config = ["--config-name", "cpu_tiny"] if cpu else []
-    command = [sys.executable, "-m", "recipe.bapo.main_bapo", *config,
-               *generation_overrides(model, data, k, out_dir, temperature, top_p, max_response_length), *extra]
-    with open(out_dir / "generation.log", "w") as log:
-        proc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0:
-        tail = (out_dir / "generation.log").read_text()[-4000:]
-        raise RuntimeError(f"generation failed (exit {proc.returncode}); end of {out_dir / 'generation.log'}:\n{tail}")
+    args = [*config, *generation_overrides(model, data, k, out_dir, temperature, top_p, max_response_length), *extra]
+    run_logged(args, out_dir / "generation.log")
     samples = out_dir / "generations" / "0.jsonl"
     if not samples.exists():
         raise FileNotFoundError(f"verl wrote no per-sample dump at {samples}; see {out_dir / 'generation.log'}")

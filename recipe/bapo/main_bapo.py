@@ -13,12 +13,15 @@ exports them in the driver too, so driver and workers agree (e.g. the CPU platfo
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = str(ROOT / "configs")
 
 
 def export_run_env(config: DictConfig) -> dict[str, str]:
@@ -27,6 +30,21 @@ def export_run_env(config: DictConfig) -> dict[str, str]:
     env = {str(k): str(v) for k, v in env.items()}
     os.environ.update(env)
     return env
+
+
+def run_logged(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> list[str]:
+    """`python -m recipe.bapo.main_bapo *args` in a subprocess, output to `log_path`; returns the command.
+
+    Raises RuntimeError with the end of the log when the run fails.
+    """
+    command = [sys.executable, "-m", "recipe.bapo.main_bapo", *args]
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = Path(log_path).read_text()[-4000:]
+        raise RuntimeError(f"recipe.bapo.main_bapo failed (exit {proc.returncode}); end of {log_path}:\n{tail}")
+    return command
 
 
 def run(config: DictConfig) -> None:

@@ -23,20 +23,11 @@ import torch.distributed
 from torch.distributed.tensor import DTensor
 
 from verl.workers.rollout.base import BaseRollout
+from verl.workers.rollout.utils import ensure_async_iterator
 
 from .server import require_cpu_platform, server_actor_name
 
 logger = logging.getLogger(__name__)
-
-
-async def _iterate(weights):
-    """Iterate a sync or async iterable of (name, tensor)."""
-    if hasattr(weights, "__aiter__"):
-        async for item in weights:
-            yield item
-    else:
-        for item in weights:
-            yield item
 
 
 class HFServerAdapter(BaseRollout):
@@ -87,7 +78,7 @@ class HFServerAdapter(BaseRollout):
             await server.begin_weight_update.remote()
         bucket: dict[str, torch.Tensor] = {}
         bucket_size = sent = 0
-        async for name, tensor in _iterate(weights):
+        async for name, tensor in ensure_async_iterator(weights):
             if isinstance(tensor, DTensor):
                 tensor = tensor.full_tensor()  # collective: all ranks take part
             if server is None:

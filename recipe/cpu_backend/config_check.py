@@ -19,6 +19,8 @@ import importlib.util
 import logging
 import os
 
+from .patches import CPU_ATTN_IMPLEMENTATIONS
+
 logger = logging.getLogger(__name__)
 
 _GPU_ROLLOUTS = ("vllm", "sglang", "trtllm")
@@ -58,21 +60,19 @@ def check_trainer_config(config, use_critic: bool) -> None:
             logger.warning("VERL_PLATFORM=cpu with rollout.name=%s is untested; rollout.name=hf is the CPU backend", rollout_name)
     if config.trainer.device != "cpu":
         problems.append(f"trainer.device={config.trainer.device}: set trainer.device=cpu with VERL_PLATFORM=cpu")
-    roles = [("actor_rollout_ref.actor", config.actor_rollout_ref.actor, config.actor_rollout_ref.model)]
+    roles = [("actor_rollout_ref.actor", "actor_rollout_ref.model", config.actor_rollout_ref.actor, config.actor_rollout_ref.model)]
     if use_critic:
-        roles.append(("critic", config.critic, config.critic.model))
-    for prefix, role, model in roles:
+        roles.append(("critic", "critic.model", config.critic, config.critic.model))
+    for prefix, model_key, role, model in roles:
         if role.strategy != "fsdp2":
             problems.append(f"{prefix}.strategy={role.strategy}: only fsdp2 runs on CPU, set {prefix}.strategy=fsdp2")
         attn = (model.get("override_config") or {}).get("attn_implementation", "flash_attention_2")
-        if attn not in ("sdpa", "eager"):
-            model_key = "actor_rollout_ref.model" if prefix.startswith("actor") else "critic.model"
+        if attn not in CPU_ATTN_IMPLEMENTATIONS:
             problems.append(
                 f"{model_key}.override_config.attn_implementation={attn} (verl's default) needs CUDA: "
                 f"set +{model_key}.override_config.attn_implementation=sdpa"
             )
         if model.get("use_remove_padding", False) and importlib.util.find_spec("flash_attn") is None:
-            model_key = "actor_rollout_ref.model" if prefix.startswith("actor") else "critic.model"
             problems.append(f"{model_key}.use_remove_padding=True needs flash-attn (CUDA): set {model_key}.use_remove_padding=False")
     problems += _check_gpu_slots(config)
     if problems:

@@ -107,8 +107,8 @@ class HFGenerationEngine:
         self._pending: collections.deque[_Request] = collections.deque()
         self._active: list[_Request] = []
         self._kv = BatchKV()
-        self._admitting: list[_Request] = []
-        self._by_id: dict[str, _Request] = {}
+        self._by_id: dict[str, _Request] = {}  # every unresolved request: queued, being admitted or running
+        self._background: set[asyncio.Task] = set()  # strong references: asyncio keeps tasks only weakly
         self._guard = asyncio.Lock()
         self._work = asyncio.Event()
         self._gate_open = asyncio.Event()
@@ -145,7 +145,9 @@ class HFGenerationEngine:
             return await request.future
         except asyncio.CancelledError:
             # The caller went away (e.g. Ray task cancelled): stop spending compute on it.
-            asyncio.get_running_loop().create_task(self.abort(request_id))
+            task = asyncio.get_running_loop().create_task(self.abort(request_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
             raise
 
     async def abort_all(self, reject: bool = False) -> list[str]:
@@ -186,20 +188,20 @@ class HFGenerationEngine:
                 keep = [i for i in range(len(self._active)) if i != row]
                 self._kv.keep(keep)
                 self._active = [self._active[i] for i in keep]
-            # else: it was being admitted by a step cancelled with the engine (close()); nothing to unlink
+            # else: it was being admitted by a step cancelled with the event loop; nothing to unlink
             request.stop_reason = ABORTED
             self._resolve(request)
         self.stats.aborted += 1
         return True
 
     async def wait_idle(self, poll_s: float = 0.01) -> None:
-        """Return once nothing is queued or running."""
-        while self._pending or self._active:
+        """Return once nothing is queued, being admitted or running."""
+        while self._by_id:
             await asyncio.sleep(poll_s)
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending) + len(self._active)
+        return len(self._by_id)
 
     # ------------------------------------------------------------------ weights
     async def begin_weight_update(self) -> None:
@@ -264,12 +266,10 @@ class HFGenerationEngine:
                         admit = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
                         if not admit and not self._active:
                             break
-                        self._admitting = admit  # neither pending nor active while the step runs
                         finished = await asyncio.to_thread(self._step, admit)
-                        self._admitting = []
                         for request in finished:
                             self._resolve(request)
-        except asyncio.CancelledError as error:  # close() or event-loop shutdown
+        except asyncio.CancelledError as error:  # event-loop shutdown
             self._fail_waiters(error, "hf rollout: the engine was closed")
             raise
         except BaseException as error:  # a bug or OOM: fail every waiter loudly instead of hanging them
@@ -279,15 +279,9 @@ class HFGenerationEngine:
 
     def _fail_waiters(self, error: BaseException, message: str) -> None:
         self._fatal = error
-        for request in list(self._pending) + self._active + self._admitting:
+        for request in list(self._by_id.values()):
             if not request.future.done():
                 request.future.set_exception(RuntimeError(message))
-
-    async def close(self) -> None:
-        """Stop the scheduling loop; requests still waiting get a RuntimeError."""
-        if self._loop_task is not None and not self._loop_task.done():
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)  # wait until it has stopped
 
     def _step(self, admit: list[_Request]) -> list[_Request]:
         """One scheduling step (worker thread): prefill ``admit``, then decode all active rows once."""

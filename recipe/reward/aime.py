@@ -33,9 +33,9 @@ import os
 import threading
 
 from recipe.reward.extract import (
-    as_integer,
     exponent_tower_depth,
     extract_answer,
+    integer_of_normalized,
     normalize_answer,
     strip_control_chars,
 )
@@ -154,11 +154,12 @@ def is_correct(solution_str: str, ground_truth, *, mv_timeout: float | None = No
     if not pred:
         _count("no_answer")
         return False, ""
-    gold_int, pred_int = as_integer(gold), as_integer(extraction.answer)
+    gold = normalize_answer(gold)
+    gold_int, pred_int = integer_of_normalized(gold), integer_of_normalized(pred)
     if gold_int is not None and pred_int is not None:
         _count("fast_path_int")
         return gold_int == pred_int, pred
-    if pred == normalize_answer(gold):
+    if pred == gold:
         _count("exact_match")
         return True, pred
     if not use_math_verify:
@@ -166,7 +167,7 @@ def is_correct(solution_str: str, ground_truth, *, mv_timeout: float | None = No
     timeout = default_mv_timeout() if mv_timeout is None else float(mv_timeout)
     if not timeout > 0:
         raise ValueError(f"mv_timeout must be > 0 seconds, got {mv_timeout!r}")
-    return _math_verify_equal(normalize_answer(gold), pred, timeout), pred
+    return _math_verify_equal(gold, pred, timeout), pred
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, *, score_mode: str = "binary",

@@ -166,7 +166,12 @@ def as_integer(answer: str) -> int | None:
     "30 degrees", "12 ways"). Anything else (fractions, decimals, expressions) returns None, so
     the caller falls back to math-verify.
     """
-    s = normalize_answer(answer).replace("{,}", ",")
+    return integer_of_normalized(normalize_answer(answer))
+
+
+def integer_of_normalized(s: str) -> int | None:
+    """`as_integer` for an answer that already went through `normalize_answer`."""
+    s = s.replace("{,}", ",")
     s = _VAR_PREFIX_RE.sub("", s)
     m = _TRAILING_UNIT_RE.match(s)
     if m:

@@ -31,7 +31,6 @@ import logging
 import os
 import pickle
 import select
-import struct
 import subprocess
 import sys
 import threading
@@ -41,9 +40,10 @@ from pathlib import Path
 from queue import Queue
 from typing import Any
 
+from recipe.reward.mv_worker import HEADER
+
 logger = logging.getLogger("bapo_verl.reward")
 
-_HEADER = struct.Struct(">Q")
 # The directory holding the `recipe` package, so workers import this code even when the project is
 # not installed (e.g. a Ray runtime_env working_dir).
 _CODE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -114,13 +114,13 @@ class _Worker:
         return buf
 
     def recv(self, deadline: float) -> tuple:
-        size = _HEADER.unpack(self._read_exact(_HEADER.size, deadline))[0]
+        size = HEADER.unpack(self._read_exact(HEADER.size, deadline))[0]
         return pickle.loads(self._read_exact(size, deadline))
 
     def send(self, obj) -> None:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            self.proc.stdin.write(_HEADER.pack(len(data)) + data)
+            self.proc.stdin.write(HEADER.pack(len(data)) + data)
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             raise _Died() from None

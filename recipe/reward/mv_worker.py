@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 
-_HEADER = struct.Struct(">Q")
+HEADER = struct.Struct(">Q")  # length prefix of every pickled message on the pipes (shared with mv_pool)
 
 
 def _read_exact(stream, n: int) -> bytes | None:
@@ -39,7 +39,7 @@ def _read_exact(stream, n: int) -> bytes | None:
 
 def _send(out, obj) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    out.write(_HEADER.pack(len(data)) + data)
+    out.write(HEADER.pack(len(data)) + data)
     out.flush()
 
 
@@ -102,10 +102,10 @@ def main() -> None:
     _send(out, ("ready", os.getpid()))
 
     while True:
-        header = _read_exact(inp, _HEADER.size)
+        header = _read_exact(inp, HEADER.size)
         if header is None:
             return  # parent closed the pipe
-        payload = _read_exact(inp, _HEADER.unpack(header)[0])
+        payload = _read_exact(inp, HEADER.unpack(header)[0])
         if payload is None:
             return
         op, op_args = pickle.loads(payload)
