@@ -36,6 +36,7 @@ SEARCH_ORDERS = ("high_first", "low_first")
 ACCOUNTINGS = ("gradient", "value")
 RHO_DEFINITIONS = ("share", "ratio")
 MAX_PATH_POINTS = 100_000
+MIN_STEP = 1e-4  # finer grids would need more precision than the float32 bucketing (_grid_position) gives
 _GRID_DECIMALS = 12  # start + k*step is rounded to this many decimals so 1.2 + 36*0.05 == 3.0
 
 
@@ -117,8 +118,8 @@ def validate_search_spec(spec: ClipSearchSpec) -> None:
             _fail(key, getattr(spec, key), order + got)
     for bound in ("c_low", "c_high"):
         start, stop, step = (getattr(spec, f"{bound}_{s}") for s in ("start", "max", "step"))
-        if step < 0:
-            _fail(f"{bound}_step", step, f"{bound}_step >= 0")
+        if step != 0 and not step >= MIN_STEP:
+            _fail(f"{bound}_step", step, f"{bound}_step = 0 (fixed bound) or >= {MIN_STEP}")
         if step == 0 and stop > start:
             _fail(
                 f"{bound}_step",
@@ -203,6 +204,29 @@ def _grid_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.de
     return torch.tensor(values, dtype=dtype, device=device)
 
 
+def _grid_position(r: torch.Tensor, grid: tuple[float, ...], step: float, strict: bool) -> torch.Tensor:
+    """How many values of the uniform grid lie below each ratio: `grid < r` if strict, else `grid <= r`.
+
+    r: (tokens,) finite ratios. Returns int64 (tokens,) in [0, len(grid)].
+    The nearest grid index comes from arithmetic (off by far less than 0.5 because steps are at
+    least MIN_STEP); one comparison with that grid value, made in r's dtype as the loss compares its
+    bounds, makes the count exact. Much cheaper than a binary search (`torch.bucketize`) per token.
+    Works in place on its temporaries: on CPU, fresh token-sized buffers cost page faults.
+    """
+    inv_step = 1.0 / step if step > 0 else 0.0
+    nearest = torch.sub(r, grid[0]).mul_(inv_step).round_().clamp_(0, len(grid) - 1)
+    index = nearest.long()
+    side = _grid_tensor(grid, r.dtype, r.device).index_select(0, index)
+    side = torch.sub(r, side, out=side).sign_()  # +1 above the nearest grid value, 0 on it, -1 below
+    above = side.clamp_(min=0) if strict else side.add_(1).clamp_(max=1)
+    return index.copy_(nearest.add_(above))
+
+
+def _bucket_sums(bucket: torch.Tensor, values: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """float64 (n_buckets,): the sum of `values` in each bucket (index_add_: no host sync, unlike bincount on GPU)."""
+    return torch.zeros(n_buckets, dtype=torch.float64, device=values.device).index_add_(0, bucket, values)
+
+
 def path_contributions(
     ratio: torch.Tensor,
     advantages: torch.Tensor,
@@ -213,61 +237,54 @@ def path_contributions(
     """This process's share of the sums that decide rho at every path point. No host sync.
 
     Args:
-        ratio: (...) pi_theta / pi_rollout per token (any shape; compared in its own dtype, like the loss).
+        ratio: (...) pi_theta / pi_rollout per token (any shape; compared in its own dtype, like the
+            loss; half-precision ratios in float32).
         advantages: (...) same shape. mask: (...) bool or 0/1, tokens that count.
         weights: optional (...) per-token weights multiplying each contribution (verl's rollout_is_weights).
     Returns:
         float64 vector of length `ClipPath.from_spec(spec).num_sums`:
-        [P at every c_high grid value | N at every c_low grid value | number of tokens with A != 0].
+        [P at every c_high grid value | N at every c_low grid value | number of signal tokens].
         Additive over tokens: sum it over micro-batches and ranks, then call `select_bounds`.
-        Tokens with a non-finite ratio, advantage or weight are ignored.
+        Tokens with a non-finite ratio, advantage or weight are ignored; signal tokens are the
+        others with w * A != 0.
     """
     path = ClipPath.from_spec(spec)
     r = ratio.detach().reshape(-1)
-    a = advantages.detach().reshape(-1)
-    valid = mask.reshape(-1).bool() & torch.isfinite(r) & torch.isfinite(a)
-    if weights is None:
-        wa = a.to(torch.float64)
+    if r.dtype not in (torch.float32, torch.float64):
+        r = r.float()
+    # signed w * A in float64, 0 for masked or non-finite tokens (adding 0 * r makes it NaN where r
+    # is not finite). In place: on CPU every fresh token-sized buffer costs page faults.
+    wa = advantages.detach().reshape(-1).to(torch.float64, copy=True).mul_(mask.reshape(-1))
+    if weights is not None:
+        wa.mul_(weights.detach().reshape(-1))
+    wa.add_(r, alpha=0.0).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    num_signal = torch.count_nonzero(wa).to(torch.float64).reshape(1)
+    r = torch.nan_to_num(r, nan=1.0)  # ignored tokens weigh 0: any finite ratio may bucket them
+
+    # A positive counts in P(c_high_j) iff r <= c_high_j, i.e. iff fewer than j+1 grid values are < r;
+    # a negative counts in N(c_low_j) iff r >= c_low_j, i.e. iff more than j grid values are <= r.
+    # Bucket sums over those counts, then cumulative sums, give P and N on the whole grid at once.
+    n_high, n_low = len(path.c_high_grid), len(path.c_low_grid)
+    pos_bucket = _grid_position(r, path.c_high_grid, spec.c_high_step, strict=True)
+    neg_bucket = _grid_position(r, path.c_low_grid, spec.c_low_step, strict=False)
+    pos_wa = wa.clamp(min=0)
+    neg_wa = wa.sub_(pos_wa).neg_()  # |w * A| of the negatives (reuses wa's buffer)
+    if spec.dual_clip_c is not None and spec.accounting == "gradient":
+        neg_wa.mul_(r <= spec.dual_clip_c)  # dual-clipped negatives carry no gradient
+    if spec.accounting == "value":  # clipped tokens count at the bound: A * c_high above it, |A| * c_low below it
+        pos_mass = _bucket_sums(pos_bucket, pos_wa, n_high + 1).cumsum(0)
+        neg_mass = _bucket_sums(neg_bucket, neg_wa, n_low + 1).cumsum(0)
+    pos_cum = _bucket_sums(pos_bucket, pos_wa.mul_(r), n_high + 1).cumsum(0)
+    if spec.dual_clip_c is not None and spec.accounting == "value":  # ... counting at the exact dual_clip_c
+        neg_wa.mul_(torch.clamp(r.to(torch.float64), max=spec.dual_clip_c))
     else:
-        w = weights.detach().reshape(-1)
-        valid &= torch.isfinite(w)
-        wa = w.to(torch.float64) * a
-    wa = torch.where(valid, wa, 0.0)  # signed w * A; 0 for ignored tokens
-    r = torch.where(valid, r, 1.0)
-    positive = wa > 0
-    r_value = r  # the ratio a token counts with
-    if spec.dual_clip_c is not None:
-        if spec.accounting == "gradient":  # dual-clipped negatives carry no gradient
-            wa = torch.where(~positive & (r > spec.dual_clip_c), 0.0, wa)
-        else:  # ... or count at their clamped value
-            r64 = r.to(torch.float64)  # clamp at the exact dual_clip_c, like the ratio bounds below
-            r_value = torch.where(positive, r64, torch.clamp(r64, max=spec.dual_clip_c))
-
-    # One bucket vector: positives go to bucket i = number of c_high grid values < r (the token is
-    # below c_high_grid[j] iff i <= j); negatives, after them, to bucket number of c_low values <= r
-    # (the token is above c_low_grid[j] iff i > j). Cumulative sums then give P and N on each grid.
-    # One binary search serves both: the c_low values all lie below the c_high ones, and a negative
-    # is searched just above its ratio (nextafter) so that "<" counts "<=".
-    n_low, n_pos = len(path.c_low_grid), len(path.c_high_grid) + 1
-    grid = _grid_tensor(path.c_low_grid + path.c_high_grid, r.dtype, r.device)
-    probe = torch.where(positive, r, torch.nextafter(r, torch.full_like(r, math.inf)))
-    below = torch.bucketize(probe, grid, out_int32=True)  # grid values < probe
-    bucket = torch.where(positive, (below - n_low).clamp_(min=0), below.clamp_(max=n_low) + n_pos)
-    mass = wa.abs()
-    n_buckets = n_pos + n_low + 1
-
-    def cumulative(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sums = torch.zeros(n_buckets, dtype=torch.float64, device=r.device).index_add_(0, bucket, values)
-        return sums[:n_pos].cumsum(0), sums[n_pos:].cumsum(0)
-
-    pos_cum, neg_cum = cumulative(mass * r_value)
+        neg_wa.mul_(r)
+    neg_cum = _bucket_sums(neg_bucket, neg_wa, n_low + 1).cumsum(0)
     p_grid = pos_cum[:-1]  # positives with r <= c_high
     n_grid = neg_cum[-1] - neg_cum[:-1]  # negatives with r >= c_low
-    if spec.accounting == "value":  # clipped tokens count at the bound: A * c_high above it, |A| * c_low below it
-        pos_mass, neg_mass = cumulative(mass)
+    if spec.accounting == "value":
         p_grid = p_grid + _grid_tensor(path.c_high_grid, torch.float64, r.device) * (pos_mass[-1] - pos_mass[:-1])
         n_grid = n_grid + _grid_tensor(path.c_low_grid, torch.float64, r.device) * neg_mass[:-1]
-    num_signal = (valid & (a != 0)).sum().to(torch.float64).reshape(1)
     return torch.cat([p_grid, n_grid, num_signal])
 
 

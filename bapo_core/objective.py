@@ -23,14 +23,20 @@ def ppo_clip_loss(
 ) -> torch.Tensor:
     """Per-token loss -min(r A, clip(r, c_low, c_high) A); shapes (bsz, resp_len) in and out.
 
-    With `dual_clip_c`, an A<0 token's loss is capped at |A| * dual_clip_c (dual-clip PPO).
+    The min clamps each token's ratio on one side only: an A>0 token's at c_high, an A<0 token's at
+    c_low from below (and at `dual_clip_c` from above: dual-clip PPO caps an A<0 token's loss at
+    |A| * dual_clip_c). So the loss is -A * clamp(r, low_t, high_t) with per-token bounds: one clamp
+    in the autograd graph instead of verl's two products, maximum and where. Gradient flows where
+    the ratio is inside its bounds (bounds included), exactly as in verl's vanilla loss.
     """
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, c_low, c_high)
-    loss = torch.maximum(unclipped, clipped)
-    if dual_clip_c is not None:
-        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip_c), loss)
-    return loss
+    with torch.no_grad():
+        sign = torch.sign(advantages).to(ratio.dtype)
+        positive = sign.clamp(min=0)  # 1 where A > 0, else 0
+        negative = positive - sign  # 1 where A < 0, else 0
+        cap = torch.finfo(ratio.dtype).max if dual_clip_c is None else dual_clip_c
+        low = negative * c_low  # 0 (no floor: ratios are > 0) unless A < 0
+        high = positive * c_high + (1 - positive) * cap  # exact: one of the two terms is 0
+    return -advantages * torch.clamp(ratio, low, high)
 
 
 def clip_diagnostics(
@@ -52,17 +58,17 @@ def clip_diagnostics(
     current log-prob of the masked tokens (a sampled token's expected log-prob is -entropy).
     """
     mask = mask.bool() & torch.isfinite(log_prob)
-    count = mask.sum().clamp(min=1)
+    count = torch.count_nonzero(mask).clamp(min=1)
 
     def frac(selected: torch.Tensor) -> torch.Tensor:
-        return (selected & mask).sum() / count
+        return torch.count_nonzero(selected & mask) / count
 
     pos, neg = advantages > 0, advantages < 0
     clip_pos = pos & (ratio > c_high)
     clip_neg = neg & (ratio < c_low)
     clip_dual = neg & (ratio > dual_clip_c) if dual_clip_c is not None else torch.zeros_like(mask)
     clipped = clip_pos | clip_neg | clip_dual
-    mean_log_prob = torch.where(mask, log_prob, 0.0).sum() / count
+    mean_log_prob = (torch.nan_to_num(log_prob, posinf=0.0, neginf=0.0) * mask).sum() / count
     low_prob = log_prob < mean_log_prob
     raising = clipped & ((pos & low_prob) | (neg & ~low_prob))
     return {

@@ -50,9 +50,11 @@ def search_clip_bounds_loop(
 ) -> ClipSearchResult:
     """Algorithm 1, step by step. Bounds are start + k * step with integer k (no float accumulation)."""
     valid = mask.bool() & torch.isfinite(ratio) & torch.isfinite(advantages)
+    weighted = advantages
     if weights is not None:
         valid &= torch.isfinite(weights)
-    num_signal = int((valid & (advantages != 0)).sum().item())
+        weighted = weights * advantages
+    num_signal = int((valid & (weighted != 0)).sum().item())  # tokens with a non-zero weighted advantage
     k_low = k_high = 0
 
     def bounds():

@@ -48,7 +48,9 @@ def random_batch(gen, dtype=torch.float64, adv_kind=None):
         elif kind == "sparse":
             adv = adv * (torch.rand(bsz, length, generator=gen) < 0.3)
     mask = torch.rand(bsz, length, generator=gen) < 0.85
-    weights = torch.rand(bsz, length, generator=gen, dtype=torch.float64) * 2 if torch.rand(1, generator=gen) < 0.3 else None
+    weights = None
+    if torch.rand(1, generator=gen) < 0.3:  # rollout IS weights, some exactly 0
+        weights = torch.rand(bsz, length, generator=gen, dtype=torch.float64) * 2 * (torch.rand(bsz, length, generator=gen) < 0.8)
     return ratio, adv.to(dtype), mask, weights
 
 
@@ -146,6 +148,10 @@ def test_no_signal_keeps_start_bounds_and_meets_target():
     assert (result.c_low, result.c_high, result.steps, result.target_met) == (0.6, 1.2, 0, True)
     result = search_clip_bounds(ratio, torch.ones(3, 7), torch.zeros(3, 7, dtype=torch.bool), PAPER)
     assert (result.c_low, result.c_high, result.target_met, result.num_signal_tokens) == (0.6, 1.2, True, 0)
+    zero_weights = torch.zeros(3, 7, dtype=torch.float64)  # advantages, but no token carries weight
+    for search in (search_clip_bounds, search_clip_bounds_loop):
+        result = search(ratio, torch.ones(3, 7), torch.ones(3, 7, dtype=torch.bool), PAPER, weights=zero_weights)
+        assert (result.c_low, result.c_high, result.target_met, result.num_signal_tokens) == (0.6, 1.2, True, 0)
 
 
 def test_unmet_target_uses_the_last_point():

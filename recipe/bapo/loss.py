@@ -48,7 +48,7 @@ def log_ratio_of(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> tuple[to
     """Clamped log-ratio with non-finite entries (NaN/inf log-probs) set to 0, and the finite mask."""
     log_ratio = torch.clamp(log_prob - old_log_prob, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
     finite = log_ratio == log_ratio  # the clamp already maps +-inf to +-20: only NaN is left
-    return torch.where(finite, log_ratio, 0.0), finite
+    return torch.nan_to_num(log_ratio, nan=0.0), finite
 
 
 def _update_bounds(bapo: BAPOPolicyLossConfig) -> Optional[ClipSearchResult]:
@@ -90,8 +90,9 @@ def compute_policy_loss_bapo(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """BAPO clipped objective with adaptive bounds. Tensors are (bsz, resp_len); returns (loss, metrics).
 
-    Tokens whose log-ratio is NaN (NaN or inf - inf log-probs) contribute neither loss nor gradient
-    and are counted in actor/bapo/nonfinite_token_frac.
+    Tokens whose log-ratio is NaN (NaN or inf - inf log-probs) are masked out of the loss like padding
+    (verl's global token counts, made before, still include them) and counted in
+    actor/bapo/nonfinite_token_frac.
     """
     bapo = bapo_config_of(config)
     log_ratio, finite = log_ratio_of(log_prob, old_log_prob)
@@ -119,18 +120,16 @@ def compute_policy_loss_bapo(
         state.micro_batch_index += 1
 
     pg_losses = ppo_clip_loss(ratio, advantages, bounds.c_low, bounds.c_high, bapo.dual_clip_c)
-    pg_losses = torch.where(finite, pg_losses, 0.0)
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
     pg_loss = agg_loss(
-        loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **_aggregation_info(config, mask)
+        loss_mat=pg_losses, loss_mask=valid, loss_agg_mode=loss_agg_mode, **_aggregation_info(config, mask)
     )
 
     diagnostics = clip_diagnostics(ratio, advantages, log_prob.detach(), valid, bounds.c_low, bounds.c_high, bapo.dual_clip_c)
-    count = mask.sum().clamp(min=1)
     extra = {
-        "ppo_kl": torch.where(valid, -log_ratio.detach(), 0.0).sum() / valid.sum().clamp(min=1),
-        "nonfinite_token_frac": (mask & ~finite).sum() / count,
+        "ppo_kl": -(log_ratio.detach() * valid).sum() / torch.count_nonzero(valid).clamp(min=1),
+        "nonfinite_token_frac": torch.count_nonzero(mask & ~finite) / torch.count_nonzero(mask).clamp(min=1),
     }
     names = list(diagnostics) + list(extra)
     values = dict(zip(names, torch.stack([*diagnostics.values(), *extra.values()]).tolist()))  # one host sync
