@@ -12,8 +12,8 @@ to b-, and stops at the first point where rho >= rho0 (if none does, the last po
 
 Instead of re-evaluating the batch after every step, P is computed for every c_high on the grid and
 N for every c_low on the grid in one pass: each token is bucketed by where its ratio falls among the
-grid values (`torch.bucketize`), bucket sums are accumulated (`index_add_`) and a cumulative sum
-turns them into P and N on the whole grid. That is O(tokens + grid points) memory, no
+grid values (the grid is uniform, so arithmetic plus one exact comparison finds the bucket), bucket
+sums are accumulated (`index_add_`) and a cumulative sum turns them into P and N on the whole grid. That is O(tokens + grid points) memory, no
 tokens x points tensor. The per-point sums are additive over tokens, so micro-batches and
 data-parallel ranks combine with a sum: ONE all-reduce, then ONE host sync to pick the point.
 
@@ -48,6 +48,7 @@ class ClipSearchSpec:
         rho_target: rho0, 0.4. Target for rho (a share in (0, 1); for `rho_definition="ratio"` a P/N value > 0).
         c_low_start, c_low_max, c_low_step: a-, b-, d2 = 0.6, 0.9, 0.02. Path of the lower ratio bound.
         c_high_start, c_high_max, c_high_step: a+, b+, d1 = 1.2, 3.0, 0.05. Path of the upper ratio bound.
+            A step is 0 (fixed bound) or >= MIN_STEP = 1e-4.
         search_order: "high_first" (Algorithm 1: c_high moves first) or "low_first" (authors' code).
         accounting: "gradient" (clipped tokens count 0, so rho rises with both bounds) or "value"
             (clipped tokens count at their clamped value, the literal reading of Eq. 8 / authors' code).
@@ -185,8 +186,8 @@ class ClipSearchResult:
 
     rho_start / rho: rho at the start point and at the chosen point (in `rho_definition` units;
     for "ratio" with N == 0 and P > 0 it is inf). steps: path steps walked (0 = start bounds).
-    target_met: rho >= rho_target at the chosen point, or no token had a non-zero advantage.
-    num_signal_tokens: tokens with a non-zero advantage, over all ranks in the group.
+    target_met: rho >= rho_target at the chosen point, or no token had a non-zero weighted advantage.
+    num_signal_tokens: tokens with a non-zero weighted advantage w * A, over all ranks in the group.
     """
 
     c_low: float

@@ -68,6 +68,30 @@ def test_fixed_window_equals_verl_vanilla(agg, dual, use_weights):
     assert metrics_v["actor/pg_clipfrac"] > 0
 
 
+@pytest.mark.parametrize("dual", [None, 3.0])
+def test_clip_loss_equals_the_textbook_min_form_including_ratios_on_the_bounds(dual):
+    """ppo_clip_loss clamps each token on one side; -min(rA, clip(r)A) written out is the reference."""
+    from bapo_core import ppo_clip_loss
+
+    c_low, c_high = 0.8, 1.25
+    gen = torch.Generator().manual_seed(11)
+    ratio = torch.cat([(torch.randn(400, generator=gen, dtype=torch.float64) * 0.5).exp(), torch.tensor([c_low, c_high, 1.0] * 4, dtype=torch.float64)])
+    adv = torch.randn(ratio.shape, generator=gen, dtype=torch.float64)
+    adv[-12:] = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 2.0, -2.0, 0.5], dtype=torch.float64)
+    adv[::17] = 0.0
+
+    def textbook(r):
+        loss = torch.maximum(-adv * r, -adv * torch.clamp(r, c_low, c_high))
+        return loss if dual is None else torch.where(adv < 0, torch.minimum(loss, -adv * dual), loss)
+
+    ours_r, ref_r = ratio.clone().requires_grad_(True), ratio.clone().requires_grad_(True)
+    ours, ref = ppo_clip_loss(ours_r, adv, c_low, c_high, dual), textbook(ref_r)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    ours.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(ours_r.grad, ref_r.grad, rtol=0, atol=0)  # also at r == c_low / c_high exactly
+
+
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_micro_batch_split_gives_the_same_total_gradient(agg):
     """With update-scope bounds, per-micro-batch losses aggregated with global_batch_info add up."""

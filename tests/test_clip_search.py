@@ -228,3 +228,34 @@ def test_memory_is_linear_in_tokens_plus_path_points():
         path_contributions(ratio, adv, torch.ones(64, 512, dtype=torch.bool), spec)
     assert probe.max_numel <= tokens + len(ClipPath.from_spec(spec)) + 8
     assert probe.peak_bytes <= 64 * tokens  # a few float64/int64 token vectors, never tokens x points
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    start=st.floats(0.01, 5.0),
+    step=st.floats(1e-4, 0.5),
+    n_points=st.integers(1, 3000),
+    use_float32=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_arithmetic_grid_position_equals_a_binary_search(start, step, n_points, use_float32, seed):
+    """The search buckets ratios with arithmetic + one comparison; torch.bucketize is the plain way."""
+    from bapo_core.clip_search import _grid_position
+
+    dtype = torch.float32 if use_float32 else torch.float64
+    grid = tuple(round(start + k * step, 12) for k in range(n_points))
+    table = torch.tensor(grid, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    span = grid[-1] - grid[0] + 2 * step
+    ratios = torch.cat(
+        [
+            table,  # exactly on the grid (as the loss compares: in the ratio's dtype)
+            torch.nextafter(table, torch.full_like(table, math.inf)),
+            torch.nextafter(table, torch.zeros_like(table)),
+            (grid[0] - step + torch.rand(4000, generator=gen, dtype=torch.float64) * span).to(dtype),
+            torch.tensor([0.0, 1e-30, math.exp(-20), 1.0, math.exp(20), 1e30], dtype=dtype),
+        ]
+    )
+    for strict in (True, False):
+        expected = torch.bucketize(ratios, table, right=not strict)  # grid values < r (strict) or <= r
+        torch.testing.assert_close(_grid_position(ratios, grid, step if n_points > 1 else 0.0, strict), expected, rtol=0, atol=0)

@@ -48,10 +48,10 @@ class BAPOPolicyLossConfig(PolicyLossConfig):
     | rho_target | rho0 | 0.4 | target for rho, the positive share of the gradient-carrying contribution |
     | c_low_start | a- | 0.6 | lower ratio bound at the start of every update's search |
     | c_low_max | b- | 0.9 | largest lower bound the search may reach |
-    | c_low_step | delta2 | 0.02 | step of the lower bound |
+    | c_low_step | delta2 | 0.02 | step of the lower bound: 0 (fixed bound) or >= 1e-4 |
     | c_high_start | a+ | 1.2 | upper ratio bound at the start of every update's search |
     | c_high_max | b+ | 3.0 | largest upper bound the search may reach |
-    | c_high_step | delta1 | 0.05 | step of the upper bound |
+    | c_high_step | delta1 | 0.05 | step of the upper bound: 0 (fixed bound) or >= 1e-4 |
     | search_order | - | "high_first" | "high_first" (Algorithm 1) or "low_first" (authors' code) |
     | accounting | - | "gradient" | "gradient": clipped tokens count 0 in rho; "value": at their clamped value (authors' code) |
     | rho_definition | - | "share" | "share" = P/(P+N) (paper) or "ratio" = P/N (authors' code) |
