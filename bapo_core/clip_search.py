@@ -13,8 +13,8 @@ to b-, and stops at the first point where rho >= rho0 (if none does, the last po
 Instead of re-evaluating the batch after every step, P is computed for every c_high on the grid and
 N for every c_low on the grid in one pass: each token is bucketed by where its ratio falls among the
 grid values (the grid is uniform, so arithmetic plus one exact comparison finds the bucket), bucket
-sums are accumulated (`index_add_`) and a cumulative sum turns them into P and N on the whole grid. That is O(tokens + grid points) memory, no
-tokens x points tensor. The per-point sums are additive over tokens, so micro-batches and
+sums are accumulated (`index_add_`) and a cumulative sum turns them into P and N on the whole grid.
+That is O(tokens + grid points) memory, no tokens x points tensor. The per-point sums are additive over tokens, so micro-batches and
 data-parallel ranks combine with a sum: ONE all-reduce, then ONE host sync to pick the point.
 
 Options beyond the paper (kept to reproduce the authors' released code, see `ClipSearchSpec`):
@@ -270,17 +270,17 @@ def path_contributions(
     neg_bucket = _grid_position(r, path.c_low_grid, spec.c_low_step, strict=False)
     pos_wa = wa.clamp(min=0)
     neg_wa = wa.sub_(pos_wa).neg_()  # |w * A| of the negatives (reuses wa's buffer)
-    if spec.dual_clip_c is not None and spec.accounting == "gradient":
-        neg_wa.mul_(r <= spec.dual_clip_c)  # dual-clipped negatives carry no gradient
+    neg_ratio = r  # the ratio a negative counts with
+    if spec.dual_clip_c is not None:
+        if spec.accounting == "gradient":  # dual-clipped negatives carry no gradient
+            neg_wa.mul_(r <= spec.dual_clip_c)
+        else:  # ... or count at the (exact) dual_clip_c
+            neg_ratio = torch.clamp(r.to(torch.float64), max=spec.dual_clip_c)
     if spec.accounting == "value":  # clipped tokens count at the bound: A * c_high above it, |A| * c_low below it
         pos_mass = _bucket_sums(pos_bucket, pos_wa, n_high + 1).cumsum(0)
         neg_mass = _bucket_sums(neg_bucket, neg_wa, n_low + 1).cumsum(0)
     pos_cum = _bucket_sums(pos_bucket, pos_wa.mul_(r), n_high + 1).cumsum(0)
-    if spec.dual_clip_c is not None and spec.accounting == "value":  # ... counting at the exact dual_clip_c
-        neg_wa.mul_(torch.clamp(r.to(torch.float64), max=spec.dual_clip_c))
-    else:
-        neg_wa.mul_(r)
-    neg_cum = _bucket_sums(neg_bucket, neg_wa, n_low + 1).cumsum(0)
+    neg_cum = _bucket_sums(neg_bucket, neg_wa.mul_(neg_ratio), n_low + 1).cumsum(0)
     p_grid = pos_cum[:-1]  # positives with r <= c_high
     n_grid = neg_cum[-1] - neg_cum[:-1]  # negatives with r >= c_low
     if spec.accounting == "value":
