@@ -208,7 +208,7 @@ def _grid_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.de
 def _grid_position(r: torch.Tensor, grid: tuple[float, ...], step: float, strict: bool) -> torch.Tensor:
     """How many values of the uniform grid lie below each ratio: `grid < r` if strict, else `grid <= r`.
 
-    r: (tokens,) finite ratios. Returns int64 (tokens,) in [0, len(grid)].
+    r: (tokens,) finite ratios. Returns the counts (tokens,) in [0, len(grid)], in r's dtype.
     The nearest grid index comes from arithmetic (off by far less than 0.5 because steps are at
     least MIN_STEP); one comparison with that grid value, made in r's dtype as the loss compares its
     bounds, makes the count exact. Much cheaper than a binary search (`torch.bucketize`) per token.
@@ -220,7 +220,7 @@ def _grid_position(r: torch.Tensor, grid: tuple[float, ...], step: float, strict
     side = _grid_tensor(grid, r.dtype, r.device).index_select(0, index)
     side = torch.sub(r, side, out=side).sign_()  # +1 above the nearest grid value, 0 on it, -1 below
     above = side.clamp_(min=0) if strict else side.add_(1).clamp_(max=1)
-    return index.copy_(nearest.add_(above))
+    return nearest.add_(above)
 
 
 def _bucket_sums(bucket: torch.Tensor, values: torch.Tensor, n_buckets: int) -> torch.Tensor:
@@ -266,21 +266,29 @@ def path_contributions(
     # a negative counts in N(c_low_j) iff r >= c_low_j, i.e. iff more than j grid values are <= r.
     # Bucket sums over those counts, then cumulative sums, give P and N on the whole grid at once.
     n_high, n_low = len(path.c_high_grid), len(path.c_low_grid)
-    pos_bucket = _grid_position(r, path.c_high_grid, spec.c_high_step, strict=True)
-    neg_bucket = _grid_position(r, path.c_low_grid, spec.c_low_step, strict=False)
-    pos_wa = wa.clamp(min=0)
-    neg_wa = wa.sub_(pos_wa).neg_()  # |w * A| of the negatives (reuses wa's buffer)
-    neg_ratio = r  # the ratio a negative counts with
+    high_position = _grid_position(r, path.c_high_grid, spec.c_high_step, strict=True)
+    low_position = _grid_position(r, path.c_low_grid, spec.c_low_step, strict=False)
+    # One bucket vector: positives at their c_high position (buckets 0..n_high), negatives after them
+    # at their c_low position; selected arithmetically (x + s * (y - x), s = 0 or 1), no `where` pass.
+    negative = torch.sign(wa).to(r.dtype).clamp_(max=0).neg_()  # 1 where w * A < 0, else 0
+    bucket = low_position.add_(n_high + 1).sub_(high_position).mul_(negative).add_(high_position).long()
+    mass = wa.abs_()  # |w * A| (reuses wa's buffer)
+    counted_ratio = r  # the ratio a token counts with
     if spec.dual_clip_c is not None:
         if spec.accounting == "gradient":  # dual-clipped negatives carry no gradient
-            neg_wa.mul_(r <= spec.dual_clip_c)
+            mass.masked_fill_((r > spec.dual_clip_c) & (negative > 0), 0.0)
         else:  # ... or count at the (exact) dual_clip_c
-            neg_ratio = torch.clamp(r.to(torch.float64), max=spec.dual_clip_c)
+            r64 = r.to(torch.float64)
+            counted_ratio = torch.where(negative > 0, r64.clamp(max=spec.dual_clip_c), r64)
+
+    def cumulative(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bucket sums of `values`, cumulated over the positives' and over the negatives' buckets."""
+        sums = _bucket_sums(bucket, values, n_high + 1 + n_low + 1)
+        return sums[: n_high + 1].cumsum(0), sums[n_high + 1 :].cumsum(0)
+
     if spec.accounting == "value":  # clipped tokens count at the bound: A * c_high above it, |A| * c_low below it
-        pos_mass = _bucket_sums(pos_bucket, pos_wa, n_high + 1).cumsum(0)
-        neg_mass = _bucket_sums(neg_bucket, neg_wa, n_low + 1).cumsum(0)
-    pos_cum = _bucket_sums(pos_bucket, pos_wa.mul_(r), n_high + 1).cumsum(0)
-    neg_cum = _bucket_sums(neg_bucket, neg_wa.mul_(neg_ratio), n_low + 1).cumsum(0)
+        pos_mass, neg_mass = cumulative(mass)
+    pos_cum, neg_cum = cumulative(mass.mul_(counted_ratio))
     p_grid = pos_cum[:-1]  # positives with r <= c_high
     n_grid = neg_cum[-1] - neg_cum[:-1]  # negatives with r >= c_low
     if spec.accounting == "value":

@@ -258,4 +258,5 @@ def test_arithmetic_grid_position_equals_a_binary_search(start, step, n_points, 
     )
     for strict in (True, False):
         expected = torch.bucketize(ratios, table, right=not strict)  # grid values < r (strict) or <= r
-        torch.testing.assert_close(_grid_position(ratios, grid, step if n_points > 1 else 0.0, strict), expected, rtol=0, atol=0)
+        position = _grid_position(ratios, grid, step if n_points > 1 else 0.0, strict)
+        torch.testing.assert_close(position.long(), expected, rtol=0, atol=0)
