@@ -1,0 +1,177 @@
+"""The store of unfinished trajectories (the paper's "replay buffer of unfinished portions") and the clock.
+
+``PartialRolloutStore`` is plain Python (unit-testable); in a run it lives in one named Ray actor
+(``STORE_ACTOR_NAME``, created by the trainer, found by every agent-loop worker). It holds
+
+* session records ``{uid}_{session_id}`` -> ``SessionRecord`` as a dict (tokens, log-probs, segments,
+  status calling/parked/finished), reported by the sessions after every call;
+* the version clock: the policy version the rollout holds (the trainer's ``global_steps`` after each
+  weight update);
+* the forced groups (uids that ignore the budget until they finish);
+* counters for metrics.
+
+Parked sessions do not wait inside the actor: they poll ``version()`` / ``is_forced()`` every
+``poll_interval_s`` (``ActorClock.wait_newer``), so the actor never holds thousands of pending calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, defaultdict
+from typing import Optional
+
+from .segments import SessionRecord
+
+STORE_ACTOR_NAME = "bapo_partial_rollout_store"
+
+
+def uid_of(key: str) -> str:
+    """``{uid}_{session}`` -> uid (verl's uids are uuid4 strings: no underscore)."""
+    return key.split("_", 1)[0]
+
+
+class PartialRolloutStore:
+    """Session records, version clock, forced set and counters (see module docstring)."""
+
+    def __init__(self) -> None:
+        self._version = 0
+        self.records: dict[str, dict] = {}
+        self.forced: set[str] = set()
+        self.counters: Counter = Counter()
+        self._reported_calls: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ clock
+    def set_version(self, version: int) -> None:
+        if version < self._version:
+            raise ValueError(f"partial rollout: version clock must not go back ({self._version} -> {version})")
+        self._version = int(version)
+
+    def version(self) -> int:
+        return self._version
+
+    # ------------------------------------------------------------------ sessions
+    def report(self, key: str, record: dict) -> None:
+        previous = self.records.get(key)
+        if previous is not None:
+            # counters follow the calls made since the last report
+            self.counters["calls"] += record["calls"] - previous["calls"]
+            self.counters["tokens_generated"] += len(record["token_ids"]) - len(previous["token_ids"])
+            self.counters["budget_stops"] += record["budget_stops"] - previous["budget_stops"]
+            self.counters["reprefill_tokens"] += record["reprefill_tokens"] - previous["reprefill_tokens"]
+        else:
+            self.counters["calls"] += record["calls"]
+            self.counters["tokens_generated"] += len(record["token_ids"])
+            self.counters["budget_stops"] += record["budget_stops"]
+            self.counters["reprefill_tokens"] += record["reprefill_tokens"]
+        self.records[key] = record
+
+    def restore(self, key: str) -> Optional[dict]:
+        return self.records.get(key)
+
+    def group_min_version(self, uid: str) -> Optional[int]:
+        versions = [s[0] for key, r in self.records.items() if uid_of(key) == uid for s in r["segments"]]
+        return min(versions) if versions else None
+
+    def group_records(self, uids: list[str]) -> dict[str, dict]:
+        wanted = set(uids)
+        return {k: r for k, r in self.records.items() if uid_of(k) in wanted}
+
+    def session_states(self) -> dict[str, dict[str, str]]:
+        """uid -> {key: status} for every recorded session."""
+        states: dict[str, dict[str, str]] = defaultdict(dict)
+        for key, record in self.records.items():
+            states[uid_of(key)][key] = record["status"]
+        return dict(states)
+
+    def forget(self, uids: list[str]) -> int:
+        """Drop the records of trained or evicted groups; returns how many sessions were dropped."""
+        wanted = set(uids)
+        keys = [k for k in self.records if uid_of(k) in wanted]
+        for key in keys:
+            del self.records[key]
+        self.forced -= wanted
+        return len(keys)
+
+    # ------------------------------------------------------------------ forcing
+    def force(self, uids: list[str]) -> None:
+        new = set(uids) - self.forced
+        self.counters["forced_groups"] += len(new)
+        self.forced |= new
+
+    def is_forced(self, uid: str) -> bool:
+        return uid in self.forced
+
+    # ------------------------------------------------------------------ checkpoint
+    def calling_count(self) -> int:
+        return sum(r["status"] == "calling" for r in self.records.values())
+
+    def state_dict(self) -> dict:
+        return {"version": self._version, "records": dict(self.records), "forced": sorted(self.forced)}
+
+    def load_state_dict(self, state: dict, inflight_uids: list[str]) -> int:
+        """Restore the records of ``inflight_uids`` (those verl re-issues); returns sessions restored."""
+        keep = set(inflight_uids)
+        self.records = {k: r for k, r in state["records"].items() if uid_of(k) in keep}
+        for record in self.records.values():
+            if record["status"] == "calling":  # a call that never returned: continue from what was stored
+                record["status"] = "parked"
+        self.forced = set(state["forced"]) & keep
+        self.counters["restored_sessions"] += len(self.records)
+        return len(self.records)
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self) -> dict[str, float]:
+        parked = [r for r in self.records.values() if r["status"] != "finished"]
+        versions = [s[0] for r in parked for s in r["segments"]]
+        return {
+            "buffer/parked_sessions": float(len(parked)),
+            "buffer/parked_tokens": float(sum(len(r["token_ids"]) for r in parked)),
+            "buffer/oldest_lag": float(self._version - min(versions)) if versions else 0.0,
+            **{f"rollout/{k}": float(self.counters[k]) for k in ("calls", "tokens_generated", "budget_stops", "reprefill_tokens")},
+            "sampler/forced_groups": float(self.counters["forced_groups"]),
+            "checkpoint/restored_sessions": float(self.counters["restored_sessions"]),
+        }
+
+
+class LocalClock:
+    """``segments.Clock`` over an in-process store (tests, benchmark without Ray)."""
+
+    def __init__(self, store: PartialRolloutStore, poll_interval_s: float = 0.01) -> None:
+        self.store, self.poll_interval_s = store, poll_interval_s
+
+    async def _ask(self, method: str, *args):
+        return getattr(self.store, method)(*args)
+
+    async def version(self) -> int:
+        return await self._ask("version")
+
+    async def group_min_version(self, uid: str) -> Optional[int]:
+        return await self._ask("group_min_version", uid)
+
+    async def is_forced(self, uid: str) -> bool:
+        return await self._ask("is_forced", uid)
+
+    async def force(self, uid: str) -> None:
+        await self._ask("force", [uid])
+
+    async def wait_newer(self, uid: str, version: int) -> None:
+        while await self.version() <= version and not await self.is_forced(uid):
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def report(self, key: str, record: SessionRecord) -> None:
+        await self._ask("report", key, record.to_dict())
+
+    async def restore(self, key: str) -> Optional[SessionRecord]:
+        data = await self._ask("restore", key)
+        return None if data is None else SessionRecord.from_dict(dict(data))
+
+
+class ActorClock(LocalClock):
+    """``segments.Clock`` over the store's Ray actor handle."""
+
+    def __init__(self, handle, poll_interval_s: float = 0.5) -> None:
+        super().__init__(store=None, poll_interval_s=poll_interval_s)
+        self.handle = handle
+
+    async def _ask(self, method: str, *args):
+        return await getattr(self.handle, method).remote(*args)
