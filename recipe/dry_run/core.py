@@ -1,0 +1,108 @@
+"""Compose the run's config exactly as `recipe.bapo.main_bapo` does, run verl's checks and ours, build the plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from recipe.bapo.main_bapo import CONFIG_DIR
+
+from .checks import Problem, cluster_checks, geometry
+from .model import ModelFacts, is_local_path, load_model_facts
+from .plan import Plan, make_plan
+
+# what verl's checks raise on a bad config (validate_config asserts; dataclasses raise ValueError/TypeError;
+# OmegaConf raises on missing mandatory values and bad interpolations; Hydra wraps _target_ failures)
+VERL_CONFIG_ERRORS = (AssertionError, ValueError, TypeError, KeyError, OmegaConfBaseException)
+
+
+class DryRunError(ValueError):
+    """The run would fail (or silently run something else); the message lists every problem."""
+
+    def __init__(self, problems: list[Problem | str]):
+        self.problems = problems
+        super().__init__("dry run: the run would fail:\n  - " + "\n  - ".join(map(str, problems)))
+
+
+@dataclass
+class DryRun:
+    config: DictConfig
+    model: ModelFacts
+    plan: Plan
+    warnings: list[Problem]
+    dataclasses_built: list[str]
+
+
+def split_config_name(args: list[str]) -> tuple[str, list[str]]:
+    """Take `--config-name X` / `--config-name=X` out of main_bapo-style arguments."""
+    name, rest, it = "bapo_trainer", [], iter(args)
+    for arg in it:
+        if arg == "--config-name":
+            name = next(it)
+        elif arg.startswith("--config-name="):
+            name = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return name, rest
+
+
+def compose_config(overrides: list[str], config_name: str = "bapo_trainer") -> DictConfig:
+    """The config main_bapo's @hydra.main would build from these overrides (same directory, same name)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name, overrides=list(overrides))
+
+
+def verl_checks(cfg: DictConfig, model_local: bool) -> list[str]:
+    """verl's validate_config (it builds the actor dataclass, where BAPO's range checks run, and the critic's
+    when used) and the other dataclasses the trainer and workers build. Returns the names of the dataclasses built.
+
+    HFModelConfig loads the model's config and tokenizer from model.path, so it is built only when the path is
+    a local directory; for a hub id the architecture comes from the shipped file (recipe/dry_run/model.py)."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+    use_ref, use_critic = need_reference_policy(cfg), need_critic(cfg)
+    validate_config(cfg, use_reference_policy=use_ref, use_critic=use_critic)
+    built = ["actor_rollout_ref.actor"]
+    # the ones verl's trainer and workers build (trainer_base.py:381,703; engine_workers.py:553,651)
+    sections = ["actor_rollout_ref.rollout", "actor_rollout_ref.rollout.checkpoint_engine"]
+    sections += ["actor_rollout_ref.ref"] if use_ref else []
+    sections += ["actor_rollout_ref.model"] if model_local else []
+    for key in sections:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        omega_conf_to_dataclass(node)
+        built.append(key)
+    return built
+
+
+def dry_run(args: list[str]) -> DryRun:
+    """Everything `python -m recipe.dry_run ARGS` checks; raises DryRunError listing what would fail."""
+    from verl.trainer.ppo.utils import need_reference_policy
+
+    config_name, overrides = split_config_name(args)
+    try:
+        cfg = compose_config(overrides, config_name)
+    except Exception as e:  # Hydra's own errors (unknown key, bad override syntax) name the key
+        raise DryRunError([f"composition ({config_name}): {type(e).__name__}: {e}"]) from e
+    model_path = str(cfg.actor_rollout_ref.model.path)
+    model_local = is_local_path(model_path) and Path(model_path).expanduser().is_dir()
+    try:
+        built = verl_checks(cfg, model_local)
+    except VERL_CONFIG_ERRORS as e:
+        raise DryRunError([f"verl config check: {type(e).__name__}: {e}"]) from e
+    if is_local_path(model_path) and not model_local:
+        raise DryRunError([Problem("actor_rollout_ref.model.path", model_path, "directory does not exist")])
+    facts = load_model_facts(model_path, dict(cfg.actor_rollout_ref.model.get("override_config") or {}))
+    g = geometry(cfg, need_reference_policy(cfg))
+    problems = cluster_checks(cfg, g, facts)
+    errors = [p for p in problems if p.fatal]
+    if errors:
+        raise DryRunError(errors)
+    return DryRun(cfg, facts, make_plan(cfg, g, facts), [p for p in problems if not p.fatal], built)
