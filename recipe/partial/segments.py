@@ -160,7 +160,8 @@ class SegmentedGenerate:
             if record.prompt_ids != prompt_ids:
                 raise RuntimeError(f"partial rollout: stored record of {self.key} has a different prompt")
             record.restored = True
-        stop_ids = self.stop_ids | frozenset(int(t) for t in sampling_params.get("stop_token_ids") or ())
+        eos = frozenset() if sampling_params.get("ignore_eos") else self.stop_ids
+        stop_ids = eos | frozenset(int(t) for t in sampling_params.get("stop_token_ids") or ())
         length = self.policy.response_length
         while record.status != "finished":
             # the next call runs at the clock's version or later (the clock may lag the servers' stamp)
