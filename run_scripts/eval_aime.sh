@@ -35,7 +35,9 @@ OUT="${OUT:-runs/eval/$(basename "$MODEL")-k$K}"
 ARGS=(run --model "$MODEL" --k "$K" --data "${DATA_FILES[@]}" --out "$OUT"
       --temperature "${TEMPERATURE:-0.6}" --top-p "${TOP_P:-0.95}")
 case "$DEVICE" in
-  gpu) ARGS+=(--max-response-length "${MAX_RESPONSE_LENGTH:-32768}" -- "trainer.n_gpus_per_node=${N_GPUS:-8}") ;;
+  gpu) ARGS+=(--max-response-length "${MAX_RESPONSE_LENGTH:-32768}" -- "trainer.n_gpus_per_node=${N_GPUS:-8}"
+              actor_rollout_ref.rollout.name=vllm actor_rollout_ref.actor.use_dynamic_bsz=True
+              actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True) ;;
   cpu) ARGS+=(--cpu ${MAX_RESPONSE_LENGTH:+--max-response-length "$MAX_RESPONSE_LENGTH"} --) ;;
   *) echo "DEVICE=$DEVICE: must be gpu or cpu" >&2; exit 2 ;;
 esac

@@ -1,0 +1,198 @@
+"""The paper-run scripts (run_scripts/*.sh, run_scripts/lib/launch.sh, run_scripts/multinode/): one argument
+list for the run, the dry run and the Ray job; baselines that differ from BAPO only in the loss; the staleness
+grid; the GPU smoke run's refusal without a GPU; the Slurm launcher with fake cluster commands. No trainer runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from run_scripts_helpers import CASES, PARTIAL_PRESET, ROOT, SCRIPTS, case_id, make_data_dir, printed_runs, run_script, \
+    script_env
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# records `python -m MODULE ARGS` (one argument per line, an empty line after), runs anything else for real
+if [[ "$1" == -m ]]; then printf '%s\\n' "$@" >> "$FAKE_LOG"; echo >> "$FAKE_LOG"; exit 0; fi
+[[ "$*" == "-c import vllm" ]] && exit 0
+exec {real} "$@"
+"""
+FAKE_RAY = """#!/usr/bin/env bash
+# `ray status` reports the GPUs FAKE_GPUS; anything else is recorded like the fake python
+if [[ "$1" == status ]]; then echo " 0.0/${FAKE_GPUS:-16}.0 GPU"; exit 0; fi
+printf '%s\\n' ray "$@" >> "$FAKE_LOG"; echo >> "$FAKE_LOG"
+"""
+NVIDIA_SMI = "#!/usr/bin/env bash\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n"
+
+
+def _fake(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture()
+def fakes(tmp_path):
+    """A folder of fake commands (python, ray, ...) and the log they append to."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake(bin_dir / "python", FAKE_PYTHON.format(real=sys.executable))
+    _fake(bin_dir / "ray", FAKE_RAY)
+    _fake(bin_dir / "nvidia-smi", NVIDIA_SMI)
+    make_data_dir(tmp_path / "data")
+    return bin_dir, tmp_path / "calls.log"
+
+
+def _calls(log: Path) -> list[list[str]]:
+    return [block.split("\n") for block in log.read_text().strip("\n").split("\n\n")] if log.exists() else []
+
+
+def _runnable(case) -> bool:
+    return case[0] != "partial_rollout_7b.sh" or PARTIAL_PRESET.exists()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if _runnable(c)], ids=case_id)
+def test_run_dry_run_and_ray_job_get_the_same_arguments(case, fakes, tmp_path):
+    """The script builds its list once: main_bapo (local), the dry run and `ray job submit` get exactly it.
+    (Broken by making bapo_launch add an override only in the local branch: this test failed.)"""
+    script, env = case
+    bin_dir, log = fakes
+    base = script_env(tmp_path, **env, PYTHON=str(bin_dir / "python"), FAKE_LOG=str(log), EVAL="0", GRID="run",
+                      PATH=f"{bin_dir}:{script_env(tmp_path)['PATH']}")
+    printed = printed_runs(script, base)
+    run_script(script, base)
+    local = _calls(log)
+    log.unlink()
+    run_script(script, {**base, "DRY_RUN": "1"})
+    dry = _calls(log)
+    log.unlink()
+    run_script(script, {**base, "LAUNCH": "ray_job", "RAY_ADDRESS": "http://head:8265"})
+    ray = _calls(log)
+
+    assert [c[:2] for c in local] == [["-m", "recipe.bapo.main_bapo"]] * len(printed)
+    assert [c[:2] for c in dry] == [["-m", "recipe.dry_run"]] * len(printed)
+    assert [c[2:] for c in local] == [c[2:] for c in dry] == printed
+    for call, args in zip(ray, printed):
+        cut = call.index("--")
+        assert call[cut + 1:cut + 4] == [str(bin_dir / "python"), "-m", "recipe.bapo.main_bapo"]
+        assert call[cut + 4:] == args
+        options = dict(zip(call[1:cut:2], call[2:cut:2]))
+        assert options["--address"] == "http://head:8265"
+        runtime_env = json.loads(options["--runtime-env-json"])["env_vars"]
+        assert runtime_env["VERL_USE_EXTERNAL_MODULES"] == "recipe.bapo.plugin"
+        assert runtime_env["PYTHONPATH"] == str(ROOT)
+
+
+def _settings(args: list[str]) -> dict[str, str]:
+    return dict(a.split("=", 1) for a in args)
+
+
+def test_baselines_differ_from_bapo_only_in_the_loss(tmp_path):
+    """GRPO, clip-higher and the fixed asymmetric clips change only the policy-loss preset, verl's clip keys and
+    the advantage-estimator name; STRICT_AB=1 turns verl's dual clip off. (Broken by giving the grpo method its
+    own learning rate: failed.)"""
+    make_data_dir(tmp_path / "data")
+    runs = {m: _settings(printed_runs("r1_7b_8k_staleness8.sh", script_env(tmp_path, METHOD=m))[0])
+            for m in ("bapo", "grpo", "clip_higher", "clip_0.8_1.5", "clip_0.5_1.2")}
+    loss_keys = {"policy_loss@actor_rollout_ref.actor.policy_loss", "algorithm.adv_estimator", "trainer.experiment_name",
+                 "trainer.default_local_dir", "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH"}
+    clip_keys = {f"actor_rollout_ref.actor.{k}" for k in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c")}
+    windows = {}
+    for method, settings in runs.items():
+        if method == "bapo":
+            continue
+        changed = {k for k in settings.keys() | runs["bapo"].keys() if settings.get(k) != runs["bapo"].get(k)}
+        assert changed <= loss_keys | clip_keys, changed - loss_keys - clip_keys
+        assert settings["algorithm.adv_estimator"] == "grpo"
+        assert settings["actor_rollout_ref.actor.clip_ratio_c"] == "3.0"
+        low, high = (float(settings[f"actor_rollout_ref.actor.clip_ratio_{s}"]) for s in ("low", "high"))
+        windows[method] = (round(1 - low, 2), round(1 + high, 2))
+    assert windows == {"grpo": (0.8, 1.2), "clip_higher": (0.8, 1.28), "clip_0.8_1.5": (0.8, 1.5),
+                       "clip_0.5_1.2": (0.5, 1.2)}
+    strict = _settings(printed_runs("r1_7b_8k_staleness8.sh", script_env(tmp_path, METHOD="grpo", STRICT_AB="1"))[0])
+    assert float(strict["actor_rollout_ref.actor.clip_ratio_c"]) >= 1e9
+
+
+def test_staleness_sweep_covers_figure_11(tmp_path):
+    """Six runs: staleness 2 and 4 (from the runs' own batch keys) x clip, clip-higher, BAPO; the default
+    prints one command per cell. (Broken by a sweep mini-batch of 96: failed.)"""
+    make_data_dir(tmp_path / "data")
+    env = script_env(tmp_path)
+    cells = set()
+    for args in printed_runs("r1_7b_32k_staleness_sweep.sh", env):
+        s = _settings(args)
+        staleness = int(s["actor_rollout_ref.actor.ppo_epochs"]) * int(s["data.train_batch_size"]) / int(
+            s["actor_rollout_ref.actor.ppo_mini_batch_size"])
+        loss = s.get("actor_rollout_ref.actor.clip_ratio_high", "bapo")
+        cells.add((staleness, loss))
+        assert int(s["data.max_prompt_length"]) + int(s["data.max_response_length"]) == 32768
+    assert cells == {(st, loss) for st in (2.0, 4.0) for loss in ("0.2", "0.28", "bapo")}
+    listed = run_script("r1_7b_32k_staleness_sweep.sh", env).stdout.strip().splitlines()
+    assert {tuple(line.split()[:2]) for line in listed} == {
+        (f"STALENESS={st}", f"METHOD={m}") for st in (2, 4) for m in ("clip", "clip_higher", "bapo")}
+
+
+def test_partial_rollout_script_names_the_missing_preset(tmp_path):
+    """Until configs/rollout/partial.yaml exists the script stops before anything else and names it."""
+    if PARTIAL_PRESET.exists():
+        pytest.skip("the partial-rollout preset exists: tests/test_dry_run.py dry-runs the script instead")
+    proc = run_script("partial_rollout_7b.sh", script_env(tmp_path, DRY_RUN="1"), check=False)
+    assert proc.returncode == 2
+    assert "configs/rollout/partial.yaml" in proc.stderr and "colocate_budget" in proc.stderr
+
+
+def test_smoke_gpu_refuses_without_gpu_or_vllm(tmp_path):
+    """No nvidia-smi: a clear error; a GPU but no vLLM: a clear error (both before any work)."""
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi")
+    proc = run_script("smoke_gpu.sh", script_env(tmp_path), check=False)
+    assert proc.returncode == 2 and "needs an NVIDIA GPU" in proc.stderr
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake(bin_dir / "nvidia-smi", NVIDIA_SMI)
+    env = script_env(tmp_path)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    proc = run_script("smoke_gpu.sh", env, check=False)
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        assert proc.returncode == 2 and "needs vLLM" in proc.stderr
+
+
+def test_slurm_launcher_starts_ray_and_submits_the_run(fakes, tmp_path):
+    """slurm.sbatch with fake scontrol/srun/ray: head + one worker started, the run submitted as a Ray job with
+    NNODES from the allocation and the head's dashboard address. (Broken by submitting before the cluster
+    has all GPUs: the GPU-wait failed it.)"""
+    bin_dir, log = fakes
+    _fake(bin_dir / "scontrol", "#!/usr/bin/env bash\nprintf 'node-a\\nnode-b\\n'\n")
+    _fake(bin_dir / "srun", '#!/usr/bin/env bash\n[[ " $* " == *" hostname "* ]] && { echo 10.1.2.3; exit 0; }\n'
+                            'printf "%s\\n" srun "$@" >> "$FAKE_LOG"; echo >> "$FAKE_LOG"\n')
+    env = script_env(tmp_path, PYTHON=str(bin_dir / "python"), FAKE_LOG=str(log), EVAL="0", SCRIPT="run_scripts/r1_32b.sh",
+                     SLURM_JOB_NODELIST="node-[a-b]", SLURM_SUBMIT_DIR=str(ROOT), FAKE_GPUS="16")
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    proc = run_script("multinode/slurm.sbatch", env)
+    calls = _calls(log)
+    starts = [c for c in calls if c[0] == "srun"]
+    assert {c[c.index("-w") + 1] for c in starts} == {"node-a", "node-b"}
+    assert any(c[-1] == "head" for c in starts) and any(c[-2:] == ["worker", "10.1.2.3"] for c in starts)
+    (job,) = [c for c in calls if c[:3] == ["ray", "job", "submit"]]
+    assert job[job.index("--address") + 1] == "http://10.1.2.3:8265"
+    assert "trainer.nnodes=2" in job and "trainer.n_gpus_per_node=8" in job
+    env["FAKE_GPUS"] = "8"  # one node never joins
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    _fake(bin_dir / "sleep", "#!/usr/bin/env bash\nexit 0\n")
+    proc = run_script("multinode/slurm.sbatch", env, check=False)
+    assert proc.returncode == 1 and "8 of 16 GPUs" in proc.stderr
+
+
+def test_scripts_have_usage_and_strict_mode():
+    """Every script starts with its usage (shown by -h) and runs under `set -euo pipefail`."""
+    scripts = sorted(SCRIPTS.glob("*.sh")) + sorted((SCRIPTS / "multinode").glob("*"))
+    for script in scripts:
+        text = script.read_text()
+        assert "set -euo pipefail" in text, script
+        assert text.splitlines()[1].startswith("# "), script
