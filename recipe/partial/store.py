@@ -72,6 +72,15 @@ class PartialRolloutStore:
         versions = [s[0] for key, r in self.records.items() if uid_of(key) == uid for s in r["segments"]]
         return min(versions) if versions else None
 
+    def running_min_versions(self) -> dict[str, int]:
+        """uid -> oldest segment version, for every group with a recorded segment."""
+        oldest: dict[str, int] = {}
+        for key, record in self.records.items():
+            for segment in record["segments"]:
+                uid = uid_of(key)
+                oldest[uid] = min(segment[0], oldest.get(uid, segment[0]))
+        return oldest
+
     def group_records(self, uids: list[str]) -> dict[str, dict]:
         wanted = set(uids)
         return {k: r for k, r in self.records.items() if uid_of(k) in wanted}

@@ -1,0 +1,169 @@
+"""Trainer mode ``colocate_budget``: verl's ``colocate_async`` plus token-budget partial rollout.
+
+``PPOTrainerColocateBudget(PPOTrainerColocateAsync)`` keeps every ``trainer_mode != "sync"`` branch of
+verl's v1 trainer (prompt persistence, TransferQueue checkpoint and re-issue, exact refills, abort at the
+end of sampling, resume after the weight update) and adds:
+
+* ``__init__``: checks the config (``config.parse``), creates the store actor, swaps in
+  ``BudgetReplayBuffer`` (verl's ``_build_replay_buffer`` is overridden);
+* ``_fetch_one_gen_batch``: tags training prompts ``agent_name=bapo_partial`` (persisted with the prompt,
+  so re-issued prompts keep it; validation prompts never carry it);
+* ``on_init_end`` / ``on_step_end``: after verl's weight update, ``store.set_version(global_steps)``;
+* ``on_train_begin``: warm-up from ``colocate_budget.num_warmup_batches``;
+* ``_save_checkpoint``: waits until no session is mid-call, writes ``global_step_N/partial_rollout.pt``,
+  then verl's checkpoint (which writes ``latest_checkpointed_iteration.txt`` last);
+* ``_load_checkpoint``: verl's (restores TransferQueue), then the store records of the groups verl will
+  re-issue (``persist_partial``);
+* ``_compute_metrics``: verl's, then ``partial/*`` metrics of the trained trajectories, the store and the
+  sampler; the trace; the store forgets trained groups.
+
+Private verl 0.9.1 methods overridden or called: ``PPOTrainer._build_replay_buffer``,
+``_fetch_one_gen_batch``, ``_save_checkpoint``, ``_load_checkpoint``, ``_compute_metrics``,
+``_add_async_warmup_batches``, ``_reissue_inflight_prompts`` (relied on: it re-issues pending/running
+prompts with their persisted fields after ``_load_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import ray
+import torch
+import transfer_queue as tq
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_colocate_async import PPOTrainerColocateAsync
+
+from . import config as partial_config
+from .agent_loop import AGENT_NAME
+from .metrics import trained_metrics
+from .sampler import BudgetReplayBuffer
+from .store import STORE_ACTOR_NAME, PartialRolloutStore
+
+logger = logging.getLogger(__name__)
+STORE_FILE = "partial_rollout.pt"
+KILL_ENV = "BAPO_PARTIAL_TEST_KILL_AT_STEP"  # tests only: fail at the start of this step
+
+
+class TraceWriter:
+    """JSONL records of fetched / trained / evicted groups (``trace_dir``); a no-op without it."""
+
+    def __init__(self, trace_dir: str | None):
+        self.path = None
+        if trace_dir:
+            os.makedirs(trace_dir, exist_ok=True)
+            self.path = os.path.join(trace_dir, f"partial_trace_{os.getpid()}_{int(time.time() * 1000)}.jsonl")
+
+    def __call__(self, **record) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@register_trainer("colocate_budget")
+class PPOTrainerColocateBudget(PPOTrainerColocateAsync):
+    """See module docstring."""
+
+    def __init__(self, config):
+        self.partial = partial_config.parse(config)  # before any worker starts
+        self.trace = TraceWriter(self.partial.trace_dir)
+        self.store = ray.remote(PartialRolloutStore).options(name=STORE_ACTOR_NAME, num_cpus=0).remote()
+        super().__init__(config)
+
+    def _build_replay_buffer(self):
+        sampler = self.config.trainer.v1.sampler
+        if (sampler.get("custom_sampler") or {}).get("path"):
+            raise ValueError("trainer.v1.sampler.custom_sampler is invalid with colocate_budget; valid: unset "
+                             "(the mode uses recipe.partial.sampler.BudgetReplayBuffer)")
+        buffer = BudgetReplayBuffer(
+            trainer_mode=self.trainer_mode,
+            trainer_config=self.config.trainer.v1.colocate_budget,
+            max_off_policy_threshold=sampler.max_off_policy_threshold,
+            max_off_policy_strategy=sampler.max_off_policy_strategy,
+            sampler_kwargs=sampler.sampler_kwargs,
+            refill_fn=self._add_prompts_to_generate,
+        )
+        buffer.configure(self.store, self.config.actor_rollout_ref.rollout.n, self.partial.max_inflight_groups,
+                         trace=self.trace, poll_interval_s=self.partial.poll_interval_s)
+        return buffer
+
+    # ------------------------------------------------------------------ prompts
+    def _fetch_one_gen_batch(self):
+        batch = super()._fetch_one_gen_batch()
+        uids = list(batch["uid"])
+        batch["agent_name"] = np.array([AGENT_NAME] * len(uids), dtype=object)
+        self.trace(kind="fetched", uids=[str(u) for u in uids], step=self.global_steps)
+        return batch
+
+    # ------------------------------------------------------------------ clock
+    def on_init_end(self):
+        super().on_init_end()
+        ray.get(self.store.set_version.remote(self.global_steps))
+
+    def on_train_begin(self):
+        self._add_async_warmup_batches(self.partial.num_warmup_batches)
+
+    def on_step_begin(self):
+        if os.environ.get(KILL_ENV) == str(self.global_steps):
+            raise RuntimeError(f"{KILL_ENV}={self.global_steps}: test-only failure at the start of the step")
+
+    def on_step_end(self):
+        super().on_step_end()
+        ray.get(self.store.set_version.remote(self.global_steps))
+
+    # ------------------------------------------------------------------ checkpoint
+    def _save_checkpoint(self):
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        os.makedirs(folder, exist_ok=True)
+        deadline = time.time() + 120
+        while ray.get(self.store.calling_count.remote()) > 0:  # after the abort every call returns at once
+            if time.time() > deadline:
+                raise RuntimeError("partial rollout: sessions still mid-call 120 s after the abort; cannot checkpoint")
+            time.sleep(0.05)
+        state = ray.get(self.store.state_dict.remote())
+        torch.save(state, os.path.join(folder, STORE_FILE))
+        self.trace(kind="checkpoint", step=self.global_steps, records=state["records"])
+        super()._save_checkpoint()
+
+    def _load_checkpoint(self):
+        super()._load_checkpoint()
+        if self.global_steps == 0:
+            return
+        path = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}", STORE_FILE)
+        if not self.partial.persist_partial:
+            logger.info("partial rollout: persist_partial=False; parked sessions restart from scratch")
+            return
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"partial rollout: {path} is missing; set {partial_config.SECTION}.persist_partial=False "
+                                    "to resume this checkpoint by regenerating unfinished responses")
+        data = tq.kv_list("train") or {}
+        inflight = [k for k, t in data.get("train", {}).items()
+                    if t.get("is_prompt", False) and t.get("status") in ("pending", "running")]
+        restored = ray.get(self.store.load_state_dict.remote(torch.load(path, weights_only=False), inflight))
+        self.trace(kind="restored", step=self.global_steps, sessions=restored, inflight=inflight)
+
+    # ------------------------------------------------------------------ metrics + trace
+    def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
+        super()._compute_metrics(batch, metrics, timing_raw, global_steps=global_steps, epoch=epoch)
+        keys = [k for k, tag in zip(batch.keys, batch.tags, strict=True) if not tag.get("is_padding", False)]
+        data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id,
+                               select_fields=["extra_fields", "responses", "rollout_log_probs"])
+        extras = [getattr(e, "data", e) for e in data["extra_fields"]]
+        metrics.update(trained_metrics(keys, extras, global_steps))
+        metrics.update({f"partial/{k}": v for k, v in ray.get(self.store.metrics.remote()).items()})
+        metrics.update({f"partial/{k}": v for k, v in self.replay_buffer.metrics().items()})
+        uids = sorted({k.split("_")[0] for k in keys})
+        responses = [r.tolist() for r in data["responses"].unbind(0)] if hasattr(data["responses"], "unbind") else []
+        log_probs = [r.tolist() for r in data["rollout_log_probs"].unbind(0)] if "rollout_log_probs" in data else []
+        self.trace(kind="trained", step=global_steps, uids=uids, keys=keys,
+                   sessions=[{"key": k, "segments": e.get("partial_segments"), "forced": e.get("partial_forced"),
+                              "restored": e.get("partial_restored"), "tokens": resp, "log_probs": lp}
+                             for k, e, resp, lp in zip(keys, extras, responses, log_probs, strict=True)])
+        ray.get(self.store.forget.remote(uids))
+        if global_steps >= self.total_training_steps:
+            listed = (tq.kv_list("train") or {}).get("train", {})
+            self.trace(kind="inflight_at_end", step=global_steps,
+                       uids=sorted(k for k, t in listed.items() if t.get("is_prompt", False)))
