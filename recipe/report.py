@@ -1,19 +1,24 @@
 """Compare training runs from verl's JSONL metrics: side-by-side plots and a markdown summary.
 
-    python -m recipe.report RUN_DIR [RUN_DIR ...] --out DIR
+    python -m recipe.report RUN_DIR [RUN_DIR ...] --out DIR     # runs side by side
+    python -m recipe.report SWEEP_DIR --out DIR                 # a sweep: mean and 95% interval over seeds
 
 A run directory holds `metrics.jsonl` (verl's file logger, `trainer.logger=[...,file]` with
-VERL_FILE_LOGGER_PATH) and optionally `run.json` ({"name", "command", "wall_seconds"}).
+VERL_FILE_LOGGER_PATH) or a sweep run's `metrics.attempt<k>.jsonl` files (merged by step,
+recipe/sweep/runs.py), and optionally `run.json` ({"name", "command", "wall_seconds"}). A sweep
+directory (folders made by `python -m recipe.sweep`) gets the sweep report (recipe/sweep/report.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from recipe.sweep.report import is_sweep, write_sweep_report
+from recipe.sweep.runs import load_metrics, read_info
 
 # (title, [(metric key or fnmatch pattern, label)]); a run without a key simply has no line in that panel
 PANELS = [
@@ -60,12 +65,7 @@ def _finite(value) -> bool:
 
 def load_run(run_dir: str | Path, name: str | None = None) -> Run:
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run with trainer.logger=[console,file] and VERL_FILE_LOGGER_PATH={path}")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    info_path = run_dir / "run.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    rows, info = load_metrics(run_dir), read_info(run_dir)
     return Run(name or info.get("name") or run_dir.name, [r["step"] for r in rows], [r["data"] for r in rows], info)
 
 
@@ -134,10 +134,14 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipe.report", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
-    parser.add_argument("--out", required=True, help="directory for comparison.png and summary.md")
+    parser.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl, or one sweep directory")
+    parser.add_argument("--out", required=True, help="directory for the plots and summary.md")
+    parser.add_argument("--title", default=None, help="heading of summary.md")
     args = parser.parse_args(argv)
-    print(write_report(args.runs, args.out))
+    if len(args.runs) == 1 and is_sweep(Path(args.runs[0])):
+        print(write_sweep_report(Path(args.runs[0]), Path(args.out), args.title or "Sweep report"))
+    else:
+        print(write_report(args.runs, args.out, args.title or "Run comparison"))
     return 0
 
 

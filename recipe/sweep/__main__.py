@@ -1,0 +1,113 @@
+"""python -m recipe.sweep: run (laptop) or print (cluster) a grid of methods x staleness x seeds.
+
+    python -m recipe.sweep --methods bapo grpo clip_higher --staleness 1 4 8 --seeds 0 1 2 3 4 \\
+        --out runs/study [--jobs 2] [--steps N] [-- +regime=cpu_stress ...]
+    python -m recipe.sweep ... --cluster            # print one command per run instead of running it
+
+See recipe/sweep/__init__.py for what a run folder holds and how skipping and resuming work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from recipe.sweep.grid import expand
+from recipe.sweep.launch import compose, prepare, progress_line, run_attempt
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, overrides = text.partition("=")
+    if not sep or not name or not name.replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=override[,override...] with NAME alphanumeric")
+    return name, overrides.split(",")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m recipe.sweep", description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=["bapo", "grpo", "clip_higher"], help="bapo, bapo_authors_code, grpo, clip_higher, clip:LOW,HIGH")
+    p.add_argument("--staleness", nargs="+", default=["1", "4", "8"], help="optimizer updates per rollout batch: U or UeE (E epochs, e.g. 8e2)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--variant", action="append", type=parse_variant, default=[], help="NAME=ov1,ov2: an extra axis of override sets (repeatable)")
+    p.add_argument("--config-name", default="cpu_tiny", help="main_bapo's config (default cpu_tiny; GPU: bapo_trainer)")
+    p.add_argument("--steps", type=int, default=None, help="trainer.total_training_steps (default: the config's)")
+    p.add_argument("--out", required=True, help="sweep folder: one sub-folder per run")
+    p.add_argument("--jobs", type=int, default=2, help="runs at the same time (laptop)")
+    p.add_argument("--save-freq", type=int, default=5, help="checkpoint every N steps, for resuming (default 5)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep a finished run's checkpoints")
+    p.add_argument("--dump-rollouts", action="store_true", help="keep verl's generations per step (<run>/rollouts/<step>.jsonl)")
+    p.add_argument("--progress-every", type=float, default=20.0, help="seconds between progress lines")
+    p.add_argument("--cluster", action="store_true", help="prepare the folders and print one command per run")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
+    return p
+
+
+def grid(args) -> list:
+    extra = [*args.overrides, *([f"trainer.total_training_steps={args.steps}"] if args.steps else [])]
+    base = compose(args.config_name, extra)
+    variants = {name: [*extra, *ov] for name, ov in args.variant} if args.variant else {"": extra}
+    return expand(args.methods, args.staleness, args.seeds, int(base.data.train_batch_size), variants)
+
+
+def watch(run_dirs: list[Path], stop: threading.Event, every: float) -> None:
+    """One line per run whose step moved since the last look."""
+    last: dict[Path, str] = {}
+    while not stop.wait(every):
+        for run_dir in run_dirs:
+            line = progress_line(run_dir)
+            head = line.rsplit(" elapsed", 1)[0] if line else None
+            if line and last.get(run_dir) != head:
+                last[run_dir] = head
+                print(f"[sweep] {line}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag, value, low in (("--jobs", args.jobs, 1), ("--save-freq", args.save_freq, 1), ("--steps", args.steps or 1, 1)):
+        if value < low:
+            parser.error(f"{flag}={value}: must be >= {low}")
+    out = Path(args.out).resolve()
+    try:
+        specs = grid(args)
+        infos = {spec: prepare(out / spec.name, spec, args.config_name, args.save_freq, args.dump_rollouts) for spec in specs}
+    except ValueError as error:
+        parser.error(str(error))
+    if args.cluster:
+        for spec in specs:
+            print(f"python -m recipe.sweep.launch {shlex.quote(str(out / spec.name))}   # {infos[spec]['command']}")
+        return 0
+    todo = [out / s.name for s in specs if not infos[s]["finished"]]
+    for spec in specs:
+        if infos[spec]["finished"]:
+            print(f"[sweep] {spec.name}: finished earlier, skipped", flush=True)
+        elif infos[spec]["attempts"]:
+            print(f"[sweep] {spec.name}: interrupted earlier, resuming (attempt {len(infos[spec]['attempts'])})", flush=True)
+    print(f"[sweep] {len(todo)} of {len(specs)} runs to do, {args.jobs} at a time -> {out}", flush=True)
+    start, failed = time.perf_counter(), []
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, args=(todo, stop, args.progress_every), daemon=True)
+    watcher.start()
+
+    def one(run_dir: Path) -> None:
+        info = run_attempt(run_dir, args.keep_checkpoints)
+        status = "done" if info["finished"] else f"FAILED: {info['attempts'][-1].get('error')} (log: {run_dir}/train.attempt{len(info['attempts']) - 1}.log)"
+        print(f"[sweep] {info['name']}: {status} in {info['attempts'][-1]['wall_seconds']:.0f}s", flush=True)
+        if not info["finished"]:
+            failed.append(info["name"])
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one, todo))
+    stop.set()
+    print(f"[sweep] {len(todo) - len(failed)} runs done, {len(failed)} failed, {time.perf_counter() - start:.0f}s; report: python -m recipe.report {out} --out {out}/report")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""The grid of a sweep: methods x staleness levels x seeds (x extra overrides), as Hydra overrides.
+
+A *method* is a policy loss with its advantage estimator:
+
+| name | what |
+|---|---|
+| `bapo` | the `bapo_paper` preset (Algorithm 1), `bapo` advantages |
+| `bapo_authors_code` | the `bapo_authors_code` preset |
+| `grpo` | verl's vanilla PPO loss with clip [0.8, 1.2], `grpo` advantages |
+| `clip_higher` | the same with clip [0.8, 1.28] (DAPO's clip-higher) |
+| `clip:LOW,HIGH` | the same with fixed ratio bounds [LOW, HIGH], e.g. `clip:0.5,1.2` (paper Fig. 7) |
+
+The baselines keep verl's dual clip (`clip_ratio_c` 3.0); `bapo_paper` has none.
+
+*Staleness* U = optimizer updates per rollout batch = ppo_epochs * train_batch_size / ppo_mini_batch_size
+(verl's worker loop, engine_workers.py `train_mini_batch`). A level is `U` (ppo_epochs=1,
+ppo_mini_batch_size = train_batch_size / U) or `UeE` (E epochs over U / E mini-batches, e.g. `8e2`: the
+authors' 8x, 2 epochs of 4 mini-batches); the rollout data per step stays the same, only how often it is
+reused changes. E must divide U and U / E the train batch size.
+
+*Seed* s sets every seed verl 0.9.1 reads in these runs: `data.seed` (train data order; null in verl's
+config = torch's default generator seed), `actor_rollout_ref.rollout.seed` (sampling: the hf backend seeds
+its per-request generators from seed + replica rank, vLLM likewise), `actor_rollout_ref.actor.data_loader_seed`
+(mini-batch shuffle when `actor.shuffle` is on), the actor/ref engine seeds `fsdp_config.seed` (used
+with full determinism) and the critic's and reward model's seeds (unused here). The model itself is loaded
+from a checkpoint, so no seed enters its weights. Not reproducible bit for bit on CPU: the hf rollout draws
+each request's sampling seed from its seeded stream in arrival order, and requests arrive concurrently.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_BASELINE = ["policy_loss@actor_rollout_ref.actor.policy_loss=grpo_vanilla", "algorithm.adv_estimator=grpo"]
+PRESETS = ("bapo", "bapo_authors_code")
+FIXED = {"grpo": (0.8, 1.2), "clip_higher": (0.8, 1.28)}
+SEED_KEYS = (
+    "data.seed",
+    "actor_rollout_ref.rollout.seed",
+    "actor_rollout_ref.actor.data_loader_seed",
+    "actor_rollout_ref.actor.fsdp_config.seed",
+    "actor_rollout_ref.ref.fsdp_config.seed",
+    "critic.data_loader_seed",  # unused without a critic (GRPO, BAPO), set so a GAE sweep varies it too
+    "critic.fsdp.seed",
+    "reward.reward_model.rollout.seed",
+)
+_CLIP = re.compile(r"^clip:([0-9.]+),([0-9.]+)$")
+
+
+def method_overrides(method: str) -> list[str]:
+    """Hydra overrides selecting `method`; ValueError naming the valid methods."""
+    if method in PRESETS:
+        preset = "bapo_paper" if method == "bapo" else method
+        return [f"policy_loss@actor_rollout_ref.actor.policy_loss={preset}", "algorithm.adv_estimator=bapo"]
+    bounds = FIXED.get(method)
+    match = _CLIP.match(method)
+    if match:
+        bounds = (float(match[1]), float(match[2]))
+        if not 0 < bounds[0] < 1 < bounds[1]:
+            raise ValueError(f"method {method!r}: bounds must satisfy 0 < LOW < 1 < HIGH")
+    if bounds is None:
+        raise ValueError(f"method {method!r} is unknown; valid: {', '.join([*PRESETS, *FIXED])} or clip:LOW,HIGH")
+    low, high = (round(1 - bounds[0], 6), round(bounds[1] - 1, 6))  # verl's clip keys are epsilons
+    return [*_BASELINE, f"actor_rollout_ref.actor.clip_ratio_low={low}", f"actor_rollout_ref.actor.clip_ratio_high={high}"]
+
+
+def parse_staleness(level: str) -> tuple[int, int]:
+    """`U` or `UeE` -> (updates U, epochs E)."""
+    match = re.fullmatch(r"([0-9]+)(?:e([0-9]+))?", str(level))
+    updates, epochs = (int(match[1]), int(match[2] or 1)) if match else (0, 0)
+    if updates < 1 or epochs < 1 or updates % epochs:
+        raise ValueError(f"staleness {level!r} is invalid; valid: U or UeE with integers U, E >= 1 and E dividing U (e.g. 8, 8e2)")
+    return updates, epochs
+
+
+def staleness_overrides(level: str, train_batch_size: int) -> list[str]:
+    """ppo_epochs / ppo_mini_batch_size giving the level's updates per rollout batch of `train_batch_size` prompts."""
+    updates, epochs = parse_staleness(level)
+    per_epoch = updates // epochs
+    if train_batch_size % per_epoch:
+        valid = [d * epochs for d in range(1, train_batch_size + 1) if train_batch_size % d == 0]
+        raise ValueError(f"staleness {level!r}: {per_epoch} mini-batches per epoch do not divide "
+                         f"data.train_batch_size={train_batch_size}; valid with e{epochs}: {valid}")
+    return [f"actor_rollout_ref.actor.ppo_epochs={epochs}", f"actor_rollout_ref.actor.ppo_mini_batch_size={train_batch_size // per_epoch}"]
+
+
+def seed_overrides(seed: int) -> list[str]:
+    if seed < 0:
+        raise ValueError(f"seed={seed} is invalid; valid: an integer >= 0")
+    return [f"{key}={seed}" for key in SEED_KEYS]
+
+
+def method_slug(method: str) -> str:
+    return method.replace(":", "").replace(",", "-")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid: its folder name and the overrides that make it."""
+
+    method: str
+    staleness: str
+    seed: int
+    variant: str = ""  # name of an extra override set ("" = none)
+    overrides: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def name(self) -> str:
+        tail = f"-{self.variant}" if self.variant else ""
+        return f"{method_slug(self.method)}-s{self.staleness}-seed{self.seed}{tail}"
+
+
+def expand(methods, staleness, seeds, train_batch_size: int, variants: dict[str, list[str]] | None = None) -> list[RunSpec]:
+    """Every combination, validated before anything runs (ValueError on the first bad value)."""
+    variants = variants or {"": []}
+    runs = []
+    for variant, extra in variants.items():
+        for method in methods:
+            for level in map(str, staleness):
+                for seed in seeds:
+                    overrides = (*method_overrides(method), *staleness_overrides(level, train_batch_size), *seed_overrides(seed), *extra)
+                    runs.append(RunSpec(method, level, seed, variant, tuple(overrides)))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the grid names two runs alike: {sorted({n for n in names if names.count(n) > 1})}")
+    return runs

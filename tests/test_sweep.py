@@ -1,0 +1,118 @@
+"""`python -m recipe.sweep`: the grid's overrides and errors, and (marked trainer) a tiny grid through the
+real CPU trainer: an interrupted run resumes from its checkpoint with every step once in its merged
+metrics, a finished run is skipped, two seeds train on different data and one seed repeats its data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from recipe.sweep.grid import expand, method_overrides, seed_overrides, staleness_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_staleness_is_updates_per_rollout_batch():
+    for level, batch in (("1", 16), ("4", 16), ("8", 16), ("8e2", 16), ("4", 256)):
+        ov = dict(o.split("=") for o in staleness_overrides(level, batch))
+        epochs, mini = int(ov["actor_rollout_ref.actor.ppo_epochs"]), int(ov["actor_rollout_ref.actor.ppo_mini_batch_size"])
+        assert epochs * batch // mini == int(level.split("e")[0]) and batch % mini == 0
+
+
+@pytest.mark.parametrize("level, message", [("3", "valid with e1: \\[1, 2, 4, 8, 16\\]"), ("0", "E dividing U"), ("8e3", "E dividing U"), ("x", "UeE")])
+def test_bad_staleness_names_the_valid_values(level, message):
+    with pytest.raises(ValueError, match=message):
+        staleness_overrides(level, 16)
+
+
+def test_methods_and_seeds():
+    clip = dict(o.split("=") for o in method_overrides("clip:0.5,1.28"))
+    assert float(clip["actor_rollout_ref.actor.clip_ratio_low"]) == pytest.approx(0.5)
+    assert float(clip["actor_rollout_ref.actor.clip_ratio_high"]) == pytest.approx(0.28)
+    with pytest.raises(ValueError, match="valid: bapo, bapo_authors_code, grpo, clip_higher"):
+        method_overrides("ppo")
+    with pytest.raises(ValueError, match="0 < LOW < 1 < HIGH"):
+        method_overrides("clip:1.2,0.8")
+    assert len({r.name for r in expand(["bapo", "grpo"], ["1", "8"], [0, 3], 16)}) == 2 * 2 * 2
+
+
+def seed_entries(node, path=""):
+    """(dotted key, value) of every key named *seed in a config subtree."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from seed_entries(value, f"{path}.{key}" if path else key)
+            if str(key).endswith("seed") and not isinstance(value, dict):
+                yield f"{path}.{key}" if path else key, value
+
+
+def test_a_seed_sets_every_seed_in_the_config():
+    from omegaconf import OmegaConf
+
+    from recipe.sweep.launch import compose
+
+    config = compose("cpu_tiny", seed_overrides(7))
+    tree = OmegaConf.to_container(config, resolve=False)
+    seeds = dict(seed_entries(tree))
+    assert "data.seed" in seeds and "actor_rollout_ref.rollout.seed" in seeds
+    assert seeds == {key: 7 for key in seeds}
+
+
+def sweep(out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "recipe.sweep", "--out", str(out), "--config-name", "cpu_tiny", "--methods", "grpo",
+            "--staleness", "2", "--save-freq", "1", "--jobs", "1", "--progress-every", "1", "--dump-rollouts", *args, "--",
+            "data.train_batch_size=4", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+            "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4", "trainer.val_before_train=False", "trainer.test_freq=-1"]  # fmt: skip
+
+
+def env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "RAY_ADDRESS", "RANK")} | {"PYTHONUNBUFFERED": "1"}
+
+
+def prompts(run: Path, step: int) -> list[str]:
+    return sorted(json.loads(line)["input"] for line in (run / "rollouts" / f"{step}.jsonl").read_text().splitlines())
+
+
+@pytest.mark.trainer
+def test_sweep_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path):
+    out = tmp_path / "sweep"
+    first = out / "grpo-s2-seed0"
+    tracker = first / "checkpoints" / "latest_checkpointed_iteration.txt"
+    proc = subprocess.Popen(sweep(out, "--seeds", "0", "1", "--steps", "3"), cwd=ROOT, env=env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 600
+    while not (tracker.exists() and tracker.read_text().strip() == "1"):  # killed right after its step-1 checkpoint
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    info = json.loads((first / "run.json").read_text())
+    assert not info["finished"] and len(info["attempts"]) == 1
+
+    again = subprocess.run(sweep(out, "--seeds", "0", "1", "--steps", "3"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "grpo-s2-seed0: interrupted earlier, resuming" in again.stdout
+    assert "grpo-s2-seed1: step" in again.stdout  # progress lines
+    info = json.loads((first / "run.json").read_text())
+    assert info["finished"] and [a["resumed_from"] for a in info["attempts"]] == [0, 1]
+    merged = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in merged] == [1, 2, 3]
+    resumed = [json.loads(line)["step"] for line in (first / "metrics.attempt1.jsonl").read_text().splitlines()]
+    assert resumed[0] == 2  # the second attempt continued from the checkpoint instead of starting over
+    assert not (first / "checkpoints").exists()  # removed once finished
+
+    third = subprocess.run(sweep(out, "--seeds", "0", "1", "--steps", "3"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and third.stdout.count("finished earlier, skipped") == 2, third.stdout + third.stderr
+    assert len(json.loads((first / "run.json").read_text())["attempts"]) == 2
+
+    # seeds: 0 and 1 train on different prompts; seed 1 again (another folder) on the same ones
+    repeat = subprocess.run(sweep(tmp_path / "repeat", "--seeds", "1", "--steps", "1"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert repeat.returncode == 0, repeat.stdout[-3000:] + repeat.stderr[-3000:]
+    assert prompts(out / "grpo-s2-seed1", 1) == prompts(tmp_path / "repeat" / "grpo-s2-seed1", 1)
+    assert prompts(out / "grpo-s2-seed1", 1) != prompts(first, 1)
