@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from recipe.bapo.main_bapo import CONFIG_DIR
@@ -16,7 +18,7 @@ from .plan import Plan, make_plan
 
 # what verl's checks raise on a bad config (validate_config asserts; dataclasses raise ValueError/TypeError;
 # OmegaConf raises on missing mandatory values and bad interpolations; Hydra wraps _target_ failures)
-VERL_CONFIG_ERRORS = (AssertionError, ValueError, TypeError, KeyError, OmegaConfBaseException)
+VERL_CONFIG_ERRORS = (AssertionError, ValueError, TypeError, KeyError, OmegaConfBaseException, HydraException)
 
 
 class DryRunError(ValueError):
@@ -71,15 +73,28 @@ def verl_checks(cfg: DictConfig, model_local: bool) -> list[str]:
     built = ["actor_rollout_ref.actor"]
     # the ones verl's trainer and workers build (trainer_base.py:381,703; engine_workers.py:553,651)
     sections = ["actor_rollout_ref.rollout", "actor_rollout_ref.rollout.checkpoint_engine"]
-    sections += ["actor_rollout_ref.ref"] if use_ref else []
     sections += ["actor_rollout_ref.model"] if model_local else []
     for key in sections:
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
-        omega_conf_to_dataclass(node)
+        omega_conf_to_dataclass(OmegaConf.select(cfg, key))
         built.append(key)
+    if use_ref:
+        omega_conf_to_dataclass(ref_as_the_worker_builds_it(cfg))
+        built.append("actor_rollout_ref.ref")
     return built
+
+
+def ref_as_the_worker_builds_it(cfg: DictConfig) -> DictConfig:
+    """The reference section renamed the way ActorRolloutRefWorker.init_model does before building its
+    dataclass (verl/workers/engine_workers.py:544-553), on a copy."""
+    arr = copy.deepcopy(cfg).actor_rollout_ref
+    ref = arr.ref
+    with open_dict(ref):
+        ref.ppo_mini_batch_size = arr.actor.ppo_mini_batch_size
+        ref.ppo_micro_batch_size = ref.pop("log_prob_micro_batch_size", None)
+        ref.ppo_micro_batch_size_per_gpu = ref.pop("log_prob_micro_batch_size_per_gpu", None)
+        ref.use_dynamic_bsz = ref.pop("log_prob_use_dynamic_bsz", False)
+        ref.ppo_max_token_len_per_gpu = ref.pop("log_prob_max_token_len_per_gpu", None)
+    return ref
 
 
 def dry_run(args: list[str]) -> DryRun:

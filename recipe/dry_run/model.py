@@ -87,8 +87,9 @@ def load_model_facts(model_path: str, override_config: dict | None = None) -> Mo
     largest = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    root = SHIPPED_DIR.parents[1]
     return ModelFacts(
-        source=str(path),
+        source=str(path.relative_to(root)) if path.is_relative_to(root) else str(path),
         model_type=model_type,
         hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers,

@@ -1,0 +1,210 @@
+"""recipe.dry_run: every shipped run script passes it; broken cluster configs are rejected naming the key; the
+plan's arithmetic equals hand computations; shipped model facts give the published parameter counts; every
+command in the README composes and passes verl's validate_config. In-process (one Python), no Ray, no GPU."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from recipe.dry_run import DryRunError, dry_run
+from recipe.dry_run.core import compose_config, split_config_name, verl_checks
+from recipe.dry_run.model import is_local_path, load_model_facts
+from run_scripts_helpers import CASES, PARTIAL_PRESET, ROOT, case_id, make_data_dir, printed_runs, script_env
+
+GIB = 1024**3
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dry_run")
+    make_data_dir(root / "data")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_every_script_passes_its_dry_run(case, tmp):
+    """Each run of each script (every method and size) composes, passes verl's checks and ours, and plans the
+    staleness its own batch keys define. The partial-rollout script fails, naming its preset, until it exists."""
+    script, env = case
+    if script == "partial_rollout_7b.sh" and not PARTIAL_PRESET.exists():
+        with pytest.raises(AssertionError, match="configs/rollout/partial.yaml"):
+            printed_runs(script, script_env(tmp, **env))
+        return
+    for args in printed_runs(script, script_env(tmp, **env)):
+        result = dry_run(args)
+        actor = result.config.actor_rollout_ref.actor
+        assert result.plan.staleness == actor.ppo_epochs * result.config.data.train_batch_size / actor.ppo_mini_batch_size
+
+
+@pytest.fixture(scope="module")
+def runs_32b(tmp):
+    """The 32B x 4-node BAPO run's argument list, and the 7B 8k one."""
+    return (printed_runs("r1_32b.sh", script_env(tmp, LENGTH="32k", METHOD="bapo"))[0],
+            printed_runs("r1_7b_8k_staleness8.sh", script_env(tmp, METHOD="bapo"))[0])
+
+
+A = "actor_rollout_ref."
+TP_RANGE = [A + "rollout.tensor_model_parallel_size"]
+# (what is broken, base run, overrides, key the message must name, words it must contain)
+BROKEN = [
+    ("mini-batch x n not divisible by DP", "32b", ["trainer.n_gpus_per_node=6"], A + "actor.ppo_mini_batch_size", "data-parallel"),
+    ("train batch not a multiple of mini-batch (verl pads)", "32b", ["data.train_batch_size=200"], "data.train_batch_size", "staleness"),
+    ("actor token limit x sp below prompt + response", "32b", [A + "actor.ppo_max_token_len_per_gpu=4096"], A + "actor.ppo_max_token_len_per_gpu", "32768"),
+    ("log-prob token limit below prompt + response", "32b", [A + "rollout.log_prob_max_token_len_per_gpu=4096"], A + "rollout.log_prob_max_token_len_per_gpu", "old-log-prob"),
+    ("reference token limit below prompt + response", "32b", [A + "actor.use_kl_loss=True", A + "ref.log_prob_max_token_len_per_gpu=4096"], A + "ref.log_prob_max_token_len_per_gpu", "reference"),
+    ("dynamic bsz differs between actor and log-prob pass", "32b", [A + "rollout.log_prob_use_dynamic_bsz=False"], A + "rollout.log_prob_use_dynamic_bsz", "actor.use_dynamic_bsz"),
+    ("fixed micro-batch does not divide the update", "32b", [A + "actor.use_dynamic_bsz=False", A + "rollout.log_prob_use_dynamic_bsz=False", A + "actor.ppo_micro_batch_size_per_gpu=3", A + "rollout.log_prob_micro_batch_size_per_gpu=4"], A + "actor.ppo_micro_batch_size_per_gpu", "128 sequences"),
+    ("fixed log-prob micro-batch does not divide the batch", "32b", [A + "actor.use_dynamic_bsz=False", A + "rollout.log_prob_use_dynamic_bsz=False", A + "actor.ppo_micro_batch_size_per_gpu=4", A + "rollout.log_prob_micro_batch_size_per_gpu=3"], A + "rollout.log_prob_micro_batch_size_per_gpu", "512 sequences"),
+    ("Ulysses sp does not divide the GPUs", "32b", [A + "actor.ulysses_sequence_parallel_size=16", "trainer.nnodes=3"], A + "actor.ulysses_sequence_parallel_size", "GPU count"),
+    ("Ulysses sp does not divide the attention heads", "32b", [A + "actor.ulysses_sequence_parallel_size=3", "trainer.nnodes=3"], A + "actor.ulysses_sequence_parallel_size", "40 attention heads"),
+    ("Ulysses sp vs KV heads", "32b", [A + "actor.ulysses_sequence_parallel_size=5", "trainer.nnodes=5"], A + "actor.ulysses_sequence_parallel_size", "8 KV heads"),
+    ("rollout TP 3 for 28 heads", "7b", [A + "rollout.tensor_model_parallel_size=3"], A + "rollout.tensor_model_parallel_size", "28 attention heads"),
+    ("rollout TP vs KV heads", "7b", [A + "rollout.tensor_model_parallel_size=7", "trainer.n_gpus_per_node=7", A + "actor.ppo_mini_batch_size=112", "data.train_batch_size=224"], A + "rollout.tensor_model_parallel_size", "4 KV heads"),
+    ("rollout replicas do not tile the GPUs", "32b", [A + "rollout.data_parallel_size=3"], A + "rollout.tensor_model_parallel_size", "must divide the 32 GPUs"),
+    ("prompt + response beyond max_position_embeddings", "32b", ["data.max_response_length=140000", A + "actor.ppo_max_token_len_per_gpu=65536", A + "rollout.log_prob_max_token_len_per_gpu=65536", A + "rollout.max_model_len=null"], "data.max_response_length", "max_position_embeddings=131072"),
+    ("vLLM max_model_len below prompt + response", "32b", [A + "rollout.max_model_len=16384"], A + "rollout.max_model_len", "32768"),
+    ("no chunked prefill and a small token budget", "32b", [A + "rollout.enable_chunked_prefill=False"], A + "rollout.max_num_batched_tokens", "chunked prefill"),
+    ("GRPO-style advantages with one response per prompt", "32b", [A + "rollout.n=1"], A + "rollout.n", ">= 2"),
+    ("legacy reward_model.reward_manager", "32b", ["reward_model.reward_manager=dapo"], "reward_model.reward_manager", "ignores it"),
+    ("legacy top-level custom_reward_function", "32b", ["custom_reward_function.path=/x/reward.py"], "custom_reward_function.path", "reward.custom_reward_function"),
+    ("relative checkpoint path on 4 nodes", "32b", ["trainer.default_local_dir=checkpoints/run"], "trainer.default_local_dir", "relative path"),
+    ("missing local data file", "32b", ["data.train_files=/nonexistent/train.parquet"], "data.train_files", "does not exist"),
+    ("missing local model dir", "32b", [A + "model.path=/nonexistent/model"], A + "model.path", "does not exist"),
+    ("rollout.mode=sync (removed)", "32b", [A + "rollout.mode=sync"], A + "rollout.mode", "async"),
+    ("fsdp_config.strategy alone (silently FSDP1)", "7b", [A + "actor.strategy=fsdp", A + "actor.fsdp_config.strategy=fsdp2"], A + "actor.fsdp_config.strategy", "ignored"),
+    ("wandb without a key", "32b", ["trainer.logger=[console,wandb]"], "trainer.logger", "WANDB_API_KEY"),
+    ("invalid gpu_memory_utilization", "32b", [A + "rollout.gpu_memory_utilization=1.5"], A + "rollout.gpu_memory_utilization", "0 < value <= 1"),
+    ("BAPO bounds out of range (our dataclass check)", "32b", [A + "actor.policy_loss.c_high_start=0.9"], "c_high_start=0.9", "valid"),
+    ("unknown key (composition)", "32b", [A + "actor.ppo_mini_batchsize=64"], "ppo_mini_batchsize", "composition"),
+]
+
+
+@pytest.mark.parametrize("what, base, overrides, key, words", BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_cluster_config_is_rejected_naming_the_key(what, base, overrides, key, words, runs_32b):
+    """Each config would fail (or silently change) on the cluster; the dry run refuses it, naming the key.
+    (Each check was disabled once by returning [] from its function: its rows failed.)"""
+    args = runs_32b[0] if base == "32b" else runs_32b[1]
+    with pytest.raises(DryRunError) as err:
+        dry_run([*args, *overrides])
+    matching = [line for line in str(err.value).splitlines() if key in line]
+    assert matching, f"{key} not named in:\n{err.value}"
+    assert any(words in line for line in matching), f"{words!r} not in: {matching}"
+
+
+def test_file_logger_without_path_on_several_nodes(runs_32b):
+    """The run scripts give verl's file logger an absolute path; without it a multi-node run is refused."""
+    args = [a for a in runs_32b[0] if "VERL_FILE_LOGGER_PATH" not in a]
+    with pytest.raises(DryRunError, match="VERL_FILE_LOGGER_PATH"):
+        dry_run(args)
+
+
+def test_valid_32b_4node_plan_matches_hand_computation(runs_32b):
+    """32B, 4 nodes x 8 GPUs, sp 4, TP 4, 256 x 16, mini 64, 2 epochs, 1024 + 31744 tokens, 16k tokens/GPU."""
+    result = dry_run(runs_32b[0])
+    p, m = result.plan, result.model
+    assert (p.gpus, p.dp, p.replicas) == (32, 32 // 4, 32 // 4)
+    assert p.staleness == 2 * 256 / 64 == 8
+    assert p.responses_per_step == 256 * 16
+    assert p.seqs_per_update_per_rank == 64 * 16 // 8 == 128
+    assert p.micro_batches_per_update == -(-128 * 32768 // (16384 * 4))  # ceil(seqs x len / (limit x sp)) = 64
+    assert p.tokens_per_step_max == 4096 * 32768
+    assert p.memory_gib["model states"] == pytest.approx(16 * 32_763_876_352 / 32 / GIB)
+    assert p.memory_gib["vllm weights"] == pytest.approx(2 * 32_763_876_352 / 4 / GIB)
+    # KV: 2 (K and V) x 64 layers x 8/4 KV heads per GPU x 128 x 2 bytes = 64 KiB per token and GPU
+    kv_room = (0.8 * 80 * GIB - 2 * 32_763_876_352 / 4 - 2 * GIB)
+    assert p.kv_tokens_per_replica == int(kv_room // (2 * 64 * 2 * 128 * 2))
+    # FLOPs: the update is ~ ppo_epochs x 6 x params x tokens (plus attention, < 40% more at 23k tokens)
+    update = p.flops["actor update (ppo_epochs x fwd+bwd)"]
+    assert 1.0 < update / (2 * 6 * m.num_params * p.tokens_per_step_mean) < 1.4
+    assert sum(p.flops.values()) / update == pytest.approx(1 + (1 / 3 + 1 / 3 + 2 / 3) / 2)  # gen, old-lp, probe
+    assert p.gpu_hours_per_step > 0 and result.warnings == []
+
+
+@pytest.mark.parametrize("model_id, published", [
+    ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 7_615_616_512),
+    ("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 32_763_876_352),
+    ("OctoThinker/OctoThinker-3B-Long-Zero", 3_212_749_824),  # Llama-3.2-3B's published count
+])
+def test_shipped_model_facts_give_the_published_parameter_count(model_id, published):
+    assert load_model_facts(model_id).num_params == published
+
+
+def test_local_config_json_wins_and_unknown_hub_ids_fail_offline(tmp_path):
+    """A local model dir's config.json is used (not the shipped file); an unshipped hub id offline is an error."""
+    shipped = json.loads((ROOT / "configs/models/deepseek-ai--DeepSeek-R1-Distill-Qwen-7B.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**shipped, "num_hidden_layers": 2}))
+    facts = load_model_facts(str(tmp_path))
+    assert facts.num_layers == 2 and facts.source == str(tmp_path / "config.json")
+    assert is_local_path(str(tmp_path)) and not is_local_path("org/name")
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
+        load_model_facts("someone/not-shipped")
+
+
+# ---------------------------------------------------------------------------------------------- README commands
+
+def _readme_commands() -> list[str]:
+    """Every README command that starts a trainer: main_bapo lines and run scripts (continuations joined)."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if "recipe.bapo.main_bapo" in line or re.search(r"run_scripts/(?!prepare_data|eval_aime|multinode)\w+\.sh", line):
+                commands.append(line)
+    commands += re.findall(r"`(python -m recipe\.bapo\.main_bapo[^`]*)`", text)
+    return commands
+
+
+def _argument_lists(command: str, tmp: Path) -> list[list[str]]:
+    words = shlex.split(command)
+    env = {}
+    while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    if words[0].endswith(".sh"):
+        extra = words[words.index("--") + 1:] if "--" in words else []
+        return printed_runs(Path(words[0]).name, script_env(tmp, **{k: v for k, v in env.items() if k != "DRY_RUN"}),
+                            *(["--", *extra] if extra else []))
+    assert words[:3] == ["python", "-m", "recipe.bapo.main_bapo"], command
+    return [words[3:]]
+
+
+def test_readme_has_trainer_commands():
+    assert any("run_scripts/" in c for c in _readme_commands())
+    assert any("main_bapo" in c and "cpu_tiny" not in c for c in _readme_commands())
+
+
+@pytest.mark.parametrize("command", _readme_commands())
+def test_readme_command_composes_and_passes_validate_config(command, tmp):
+    """Composition + verl's validate_config (and the dataclasses the trainer builds) for each README command.
+    (The README's old GPU example, without rollout.name and micro-batch settings, failed here.)"""
+    for args in _argument_lists(command, tmp):
+        config_name, overrides = split_config_name(args)
+        cfg = compose_config(overrides, config_name)
+        path = str(cfg.actor_rollout_ref.model.path)
+        verl_checks(cfg, model_local=is_local_path(path) and Path(path).is_dir())
+
+
+def test_dry_run_script_end_to_end_subprocess(tmp):
+    """`DRY_RUN=1 run_scripts/r1_32b.sh` as a user runs it: exit 0 and the plan; a broken override: exit 1
+    naming the key."""
+    env = script_env(tmp, LENGTH="32k", METHOD="bapo", DRY_RUN="1")
+    proc = subprocess.run(["bash", str(ROOT / "run_scripts/r1_32b.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "actor DP = GPUs / sp = 32 / 4 = 8" in proc.stdout and "= 8 optimizer updates per rollout batch" in proc.stdout
+    bad = subprocess.run(["bash", str(ROOT / "run_scripts/r1_32b.sh"), "--", A + "actor.ppo_max_token_len_per_gpu=4096"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and A + "actor.ppo_max_token_len_per_gpu=4096" in bad.stderr
