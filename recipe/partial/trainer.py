@@ -30,11 +30,11 @@ import logging
 import os
 import time
 
-import numpy as np
 import ray
 import torch
 import transfer_queue as tq
 from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.utils import tensordict_utils as tu
 from verl.trainer.ppo.v1.trainer_colocate_async import PPOTrainerColocateAsync
 
 from . import config as partial_config
@@ -94,7 +94,8 @@ class PPOTrainerColocateBudget(PPOTrainerColocateAsync):
     def _fetch_one_gen_batch(self):
         batch = super()._fetch_one_gen_batch()
         uids = list(batch["uid"])
-        batch["agent_name"] = np.array([AGENT_NAME] * len(uids), dtype=object)
+        # a per-row NonTensorStack: persisted with the prompt (re-issued prompts keep it), one string per row
+        tu.assign_non_tensor_stack(batch, "agent_name", [AGENT_NAME] * len(uids))
         self.trace(kind="fetched", uids=[str(u) for u in uids], step=self.global_steps)
         return batch
 

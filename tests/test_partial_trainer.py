@@ -1,0 +1,185 @@
+"""The real verl v1 trainer on CPU with token-budget partial rollout (trainer mode ``colocate_budget``).
+
+Each test is one (or two) trainer runs in a subprocess on the tiny model (responses ~16 tokens, max 32).
+The partial-rollout trace (``trainer.v1.colocate_budget.trace_dir``) records every fetched prompt uid,
+every trained group with its sessions (segments, tokens, rollout log-probs), every eviction with its
+reason, checkpointed store records and the prompt groups still in TransferQueue at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_trainer_cpu import assert_succeeded, cpu_tiny, run_bapo
+
+pytestmark = pytest.mark.trainer
+BUDGET, N = 6, 2
+
+
+@pytest.fixture(scope="module")
+def assets():
+    from recipe.data.tiny_assets import build_tiny_assets
+
+    return build_tiny_assets()
+
+
+def partial_run(assets, out: Path, *extra: str, **env):
+    overrides = cpu_tiny(
+        assets, out,
+        "+rollout=partial",
+        f"trainer.v1.colocate_budget.token_budget={BUDGET}",
+        "trainer.v1.colocate_budget.max_inflight_groups=16",
+        "trainer.v1.colocate_budget.poll_interval_s=0.2",
+        f"trainer.v1.colocate_budget.trace_dir={out / 'ptrace'}",
+        f"actor_rollout_ref.rollout.n={N}",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2",  # 4 prompts x 2 = 8 responses: 2 updates of 4
+        "actor_rollout_ref.actor.ppo_epochs=1",
+        *extra,
+    )  # fmt: skip
+    proc, rows, _, wall = run_bapo(out, overrides, trace=False, **env)
+    return proc, rows, read_trace(out / "ptrace"), wall
+
+
+def read_trace(folder: Path) -> list[dict]:
+    records = []
+    for path in sorted(folder.glob("*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines()]
+    return records
+
+
+def sessions_of(trace):
+    return [(r["step"], s) for r in trace if r["kind"] == "trained" for s in r["sessions"]]
+
+
+def check_ledger(trace, steps: set[int] | None = None):
+    """Every fetched uid: trained once with N responses, evicted with a reason, or still in TQ at the end."""
+    fetched = [u for r in trace if r["kind"] == "fetched" for u in r["uids"]]
+    assert len(fetched) == len(set(fetched)) and fetched
+    trained = Counter(u for r in trace if r["kind"] == "trained" for u in r["uids"])
+    assert all(c == 1 for c in trained.values()), trained
+    keys = Counter(s["key"].split("_")[0] for _, s in sessions_of(trace))
+    assert all(keys[u] == N for u in trained), keys
+    evicted = {r["uid"]: r["reason"] for r in trace if r["kind"] == "evicted"}
+    assert all(reason in ("stale", "failure") for reason in evicted.values())
+    at_end = {u for r in trace if r["kind"] == "inflight_at_end" for u in r["uids"]}
+    for uid in fetched:
+        places = (uid in trained) + (uid in evicted) + (uid in at_end)
+        assert places == 1, (uid, uid in trained, evicted.get(uid), uid in at_end)
+    return trained, evicted
+
+
+def check_budget(trace):
+    """No version gave a trajectory more than B tokens unless forced; segments add up to the response."""
+    spans = []
+    for step, s in sessions_of(trace):
+        per_version = Counter()
+        for version, n, weight_version in s["segments"]:
+            per_version[version] += n
+        assert s["forced"] or max(per_version.values()) <= BUDGET, s
+        assert sum(per_version.values()) == len(s["tokens"]) == len(s["log_probs"])
+        versions = [v for v, _, _ in s["segments"]]
+        assert versions == sorted(versions) and max(versions) <= step - 1  # generated before its training step
+        engine = [w for _, _, w in s["segments"]]
+        assert engine == sorted(engine)  # the hf engine's own weight counter grows along the segments
+        spans.append(len(set(versions)))
+    return spans
+
+
+def test_colocate_async_without_budget_runs_end_to_end(assets, tmp_path):
+    """verl's own colocate_async mode (partial rollout by abort/resume, no budget) on the CPU trainer."""
+    overrides = cpu_tiny(assets, tmp_path, "trainer.use_v1=True", "trainer.v1.trainer_mode=colocate_async",
+                         "trainer.total_training_steps=2", "actor_rollout_ref.rollout.n=2",
+                         "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_epochs=1")
+    proc, rows, _, _ = run_bapo(tmp_path, overrides, trace=False)
+    assert_succeeded(proc)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all("actor/bapo/c_high" in r["data"] for r in rows)
+
+
+def test_budgeted_rollout_spans_versions_and_keeps_every_group(assets, tmp_path):
+    proc, rows, trace, wall = partial_run(assets, tmp_path, "trainer.total_training_steps=6",
+                                          "trainer.v1.sampler.max_off_policy_threshold=7")
+    assert_succeeded(proc)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    spans = check_budget(trace)
+    assert max(spans) >= 2  # some trained trajectories were generated by >= 2 policy versions
+    assert any(not s["forced"] and len({v for v, _, _ in s["segments"]}) >= 2 for _, s in sessions_of(trace))
+    check_ledger(trace)
+    for step, s in sessions_of(trace):  # cap: threshold 7 versions, measured on the oldest segment
+        assert step - min(v for v, _, _ in s["segments"]) <= 7
+    for row in rows:
+        data = row["data"]
+        for key in ("actor/bapo/c_high", "actor/bapo/rho", "partial/trained/resumed_share",
+                    "partial/trained/token_staleness/mean", "partial/buffer/parked_sessions",
+                    "partial/rollout/reprefill_tokens", "partial/sampler/refills"):
+            assert key in data, key
+    assert max(r["data"]["partial/trained/resumed_share"] for r in rows) > 0
+    assert wall < 600
+
+
+def test_wait_strategy_forces_groups_at_the_cap(assets, tmp_path):
+    proc, rows, trace, _ = partial_run(assets, tmp_path, "trainer.total_training_steps=4",
+                                       "trainer.v1.sampler.max_off_policy_threshold=2",
+                                       "trainer.v1.sampler.max_off_policy_strategy=wait")
+    assert_succeeded(proc)
+    check_budget(trace)
+    check_ledger(trace)
+    forced = [s for _, s in sessions_of(trace) if s["forced"]]
+    assert forced and rows[-1]["data"]["partial/sampler/forced_groups"] > 0
+    for step, s in sessions_of(trace):  # every trained trajectory generated by at most 2 versions
+        versions = [v for v, _, _ in s["segments"]]
+        assert max(versions) - min(versions) + 1 <= 2, s
+    assert not [r for r in trace if r["kind"] == "evicted"]  # wait never drops
+
+
+def test_drop_cap_below_the_budget_minimum_is_rejected_before_ray(assets, tmp_path):
+    overrides = cpu_tiny(assets, tmp_path, "+rollout=partial", f"trainer.v1.colocate_budget.token_budget={BUDGET}",
+                         "trainer.v1.sampler.max_off_policy_threshold=3", "trainer.total_training_steps=1")
+    proc, _, _, wall = run_bapo(tmp_path, overrides, trace=False)
+    assert proc.returncode != 0
+    assert "max_off_policy_threshold=3 is invalid" in proc.stderr and "= 7" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("persist", [True, False])
+def test_kill_and_resume_continue_parked_sessions(assets, tmp_path, persist):
+    """Run A saves at step 3 and dies at step 5; run B resumes from step 3. With persistence the sessions
+    parked at the checkpoint continue from exactly their stored tokens; without it they restart from zero."""
+    ckpt = [f"trainer.v1.colocate_budget.persist_partial={persist}", "trainer.save_freq=3",
+            "trainer.total_training_steps=6"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc_a, _, trace_a, _ = partial_run(assets, a, *ckpt, BAPO_PARTIAL_TEST_KILL_AT_STEP="5")
+    assert proc_a.returncode != 0 and "test-only failure" in proc_a.stdout + proc_a.stderr
+    saved = next(r for r in trace_a if r["kind"] == "checkpoint" and r["step"] == 3)["records"]
+    parked = {k: r for k, r in saved.items() if r["status"] != "finished" and r["token_ids"]}
+    assert parked, "nothing was parked at the checkpoint: the test would prove nothing"
+    assert all(max(s[0] for s in r["segments"]) <= 2 for r in parked.values())
+    proc_b, rows_b, trace_b, _ = partial_run(assets, b, *ckpt, f"trainer.default_local_dir={a / 'ckpt'}",
+                                             "trainer.resume_mode=auto")
+    assert_succeeded(proc_b)
+    assert [r["step"] for r in rows_b] == [4, 5, 6]
+    continued = {s["key"].rsplit("_", 1)[0]: s for _, s in sessions_of(trace_b)}
+    resumed = [k for k in parked if k in continued]
+    assert resumed, "no parked session was trained after the resume"
+    for key in resumed:
+        stored, s = parked[key], continued[key]
+        if persist:
+            assert s["tokens"][: len(stored["token_ids"])] == stored["token_ids"]
+            torch.testing.assert_close(torch.tensor(s["log_probs"][: len(stored["log_probs"])]),
+                                       torch.tensor(stored["log_probs"]), atol=1e-6, rtol=0)
+            assert s["segments"][: len(stored["segments"])] == stored["segments"]  # original versions kept
+            assert s["restored"]
+        else:
+            assert min(v for v, _, _ in s["segments"]) >= 3  # regenerated from zero under the resumed weights
+            assert not s["restored"]
+    # ledger over both runs: A's groups trained up to the checkpoint, then B
+    trained_a = {u for r in trace_a if r["kind"] == "trained" and r["step"] <= 3 for u in r["uids"]}
+    trained_b = {u for r in trace_b if r["kind"] == "trained" for u in r["uids"]}
+    assert not trained_a & trained_b  # nothing trained before the checkpoint is trained again
+    up_to_checkpoint = [r for r in trace_a if r["kind"] in ("fetched", "trained", "evicted") and r["step"] <= 3]
+    check_ledger(up_to_checkpoint + trace_b)
