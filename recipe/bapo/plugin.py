@@ -23,6 +23,9 @@ def register() -> None:
     from recipe.data import tiny_assets
 
     tiny_assets.register_resolver()  # ${tiny_assets:...} paths in configs/cpu_tiny.yaml
+    from recipe import partial
+
+    partial.register()  # names only: the "bapo_partial" agent loop and the "colocate_budget" trainer mode
 
 
 try:
