@@ -12,11 +12,14 @@ from .clip_search import (
     rho_along_path,
     rho_value,
     search_clip_bounds,
+    search_dtype,
     select_bounds,
 )
-from .objective import clip_diagnostics, ppo_clip_loss
+from .objective import LOSS_AGG_MODES, aggregation_weights, clip_diagnostics, ppo_clip_loss
 
 __all__ = [
+    "LOSS_AGG_MODES",
+    "aggregation_weights",
     "ClipPath",
     "ClipSearchResult",
     "ClipSearchSpec",
@@ -27,5 +30,6 @@ __all__ = [
     "rho_along_path",
     "rho_value",
     "search_clip_bounds",
+    "search_dtype",
     "select_bounds",
 ]

@@ -19,7 +19,8 @@ data-parallel ranks combine with a sum: ONE all-reduce, then ONE host sync to pi
 
 Options beyond the paper (kept to reproduce the authors' released code, see `ClipSearchSpec`):
 `search_order="low_first"`, `accounting="value"` (clipped tokens count at their clamped value),
-`rho_definition="ratio"` (P / N instead of a share), `dual_clip_c` (dual-clip for A<0).
+`rho_definition="ratio"` (P / (N + 1e-8) instead of a share), `clamp_last_step` (a last, shorter step
+to the max), `dual_clip_c` (dual-clip for A<0).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ ACCOUNTINGS = ("gradient", "value")
 RHO_DEFINITIONS = ("share", "ratio")
 MAX_PATH_POINTS = 100_000
 MIN_STEP = 1e-4  # finer grids would need more precision than the float32 bucketing (_grid_position) gives
+MAX_GRID_SCALE = 1e6  # |grid value| / step above this: float32 arithmetic could misplace a ratio by one bucket
+RATIO_EPS = 1e-8  # rho_definition="ratio" is P / (N + RATIO_EPS), inf when N <= 0 (the authors' code)
 _GRID_DECIMALS = 12  # start + k*step is rounded to this many decimals so 1.2 + 36*0.05 == 3.0
 
 
@@ -52,9 +55,15 @@ class ClipSearchSpec:
         search_order: "high_first" (Algorithm 1: c_high moves first) or "low_first" (authors' code).
         accounting: "gradient" (clipped tokens count 0, so rho rises with both bounds) or "value"
             (clipped tokens count at their clamped value, the literal reading of Eq. 8 / authors' code).
-        rho_definition: "share" = P / (P + N) (paper) or "ratio" = P / N (authors' code).
-        dual_clip_c: None (paper) or a value > 1: A<0 tokens with r > dual_clip_c carry no gradient
-            (dual-clip PPO; the authors' code uses 3.0).
+        rho_definition: "share" = P / (P + N) (paper) or "ratio" = P / (N + 1e-8), inf when
+            N <= 0 (authors' code).
+        clamp_last_step: False (Algorithm 1: a bound moves while start + k * step <= max) or True
+            (authors' code: each step is min(current + step, max), so the max is reached even when
+            max - start is not a multiple of the step).
+        dual_clip_c: None (paper) or a value > 1: with accounting="gradient", A<0 tokens with
+            r > dual_clip_c carry no gradient and do not count in rho (dual-clip PPO). With
+            accounting="value" the dual clip acts in the loss only, never in rho (authors' code,
+            which uses 3.0).
     """
 
     rho_target: float = 0.4
@@ -67,6 +76,7 @@ class ClipSearchSpec:
     search_order: str = "high_first"
     accounting: str = "gradient"
     rho_definition: str = "share"
+    clamp_last_step: bool = False
     dual_clip_c: Optional[float] = None
 
     def __post_init__(self):
@@ -87,6 +97,15 @@ def _grid_size(start: float, stop: float, step: float) -> int:
     if step == 0:
         return 0
     return int(math.floor((stop - start) / step + 1e-9))
+
+
+def _grid(start: float, stop: float, step: float, clamp_last_step: bool) -> tuple[float, ...]:
+    """start + k*step (k = 0, 1, ... while <= stop), plus stop itself when clamp_last_step and it is not on the grid."""
+    values = tuple(round(start + k * step, _GRID_DECIMALS) for k in range(_grid_size(start, stop, step) + 1))
+    if clamp_last_step:  # every value min(start + k*step, stop), the last one stop
+        values = tuple(min(v, stop) for v in values)
+        values += (stop,) if values[-1] < stop - 1e-9 else ()  # not already there up to the grid's rounding
+    return values
 
 
 def validate_search_spec(spec: ClipSearchSpec) -> None:
@@ -129,9 +148,13 @@ def validate_search_spec(spec: ClipSearchSpec) -> None:
                 f"for a fixed bound set {bound}_max = {bound}_start",
             )
     n_points = 1 + _grid_size(spec.c_low_start, spec.c_low_max, spec.c_low_step)
-    n_points += _grid_size(spec.c_high_start, spec.c_high_max, spec.c_high_step)
+    n_points += _grid_size(spec.c_high_start, spec.c_high_max, spec.c_high_step) + 2 * spec.clamp_last_step
     if n_points > MAX_PATH_POINTS:
         _fail("c_low_step/c_high_step", (spec.c_low_step, spec.c_high_step), f"a path of at most {MAX_PATH_POINTS} points (got {n_points})")
+        if step != 0 and max(abs(start), abs(stop)) / step > MAX_GRID_SCALE:
+            _fail(f"{bound}_step", step, f"max(|{bound}_start|, |{bound}_max|) / {bound}_step <= {MAX_GRID_SCALE:g} (got {start}, {stop})")
+    if not isinstance(spec.clamp_last_step, bool):
+        _fail("clamp_last_step", spec.clamp_last_step, "true or false")
     if spec.dual_clip_c is not None:
         _check_number("dual_clip_c", spec.dual_clip_c)
         if not spec.dual_clip_c > 1:
@@ -142,7 +165,8 @@ def validate_search_spec(spec: ClipSearchSpec) -> None:
 class ClipPath:
     """The bound pairs Algorithm 1 may visit, in order, on an exact integer grid.
 
-    c_high_grid[i] = c_high_start + i * c_high_step, c_low_grid[j] = c_low_start + j * c_low_step;
+    c_high_grid[i] = c_high_start + i * c_high_step, c_low_grid[j] = c_low_start + j * c_low_step
+    (with `clamp_last_step`, a last value equal to the max may follow, closer than one step);
     path point k uses (c_low_grid[low_index[k]], c_high_grid[high_index[k]]). Point 0 is the start.
     """
 
@@ -150,15 +174,14 @@ class ClipPath:
     c_high_grid: tuple[float, ...]
     low_index: tuple[int, ...]
     high_index: tuple[int, ...]
+    low_off_grid_last: bool = False  # c_low_grid[-1] is the clamped max, closer than one step
+    high_off_grid_last: bool = False
 
     @staticmethod
     @functools.lru_cache(maxsize=64)
     def from_spec(spec: ClipSearchSpec) -> "ClipPath":
-        def grid(start, stop, step):
-            return tuple(round(start + k * step, _GRID_DECIMALS) for k in range(_grid_size(start, stop, step) + 1))
-
-        low = grid(spec.c_low_start, spec.c_low_max, spec.c_low_step)
-        high = grid(spec.c_high_start, spec.c_high_max, spec.c_high_step)
+        low = _grid(spec.c_low_start, spec.c_low_max, spec.c_low_step, spec.clamp_last_step)
+        high = _grid(spec.c_high_start, spec.c_high_max, spec.c_high_step, spec.clamp_last_step)
         n_low, n_high = len(low) - 1, len(high) - 1
         if spec.search_order == "high_first":
             high_index = tuple(range(n_high + 1)) + (n_high,) * n_low
@@ -166,7 +189,9 @@ class ClipPath:
         else:
             low_index = tuple(range(n_low + 1)) + (n_low,) * n_high
             high_index = (0,) * (n_low + 1) + tuple(range(1, n_high + 1))
-        return ClipPath(low, high, low_index, high_index)
+        low_extra = len(low) - 1 > _grid_size(spec.c_low_start, spec.c_low_max, spec.c_low_step)
+        high_extra = len(high) - 1 > _grid_size(spec.c_high_start, spec.c_high_max, spec.c_high_step)
+        return ClipPath(low, high, low_index, high_index, low_extra, high_extra)
 
     def __len__(self) -> int:
         return len(self.low_index)
@@ -185,7 +210,7 @@ class ClipSearchResult:
     """The bounds one update uses and how they were found.
 
     rho_start / rho: rho at the start point and at the chosen point (in `rho_definition` units;
-    for "ratio" with N == 0 and P > 0 it is inf). steps: path steps walked (0 = start bounds).
+    for "ratio" with N == 0 it is inf). steps: path steps walked (0 = start bounds).
     target_met: rho >= rho_target at the chosen point, or no token had a non-zero weighted advantage.
     num_signal_tokens: tokens with a non-zero weighted advantage w * A, over all ranks in the group.
     """
@@ -205,22 +230,35 @@ def _grid_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.de
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def _grid_position(r: torch.Tensor, grid: tuple[float, ...], step: float, strict: bool) -> torch.Tensor:
-    """How many values of the uniform grid lie below each ratio: `grid < r` if strict, else `grid <= r`.
+def _grid_position(r: torch.Tensor, grid: tuple[float, ...], step: float, strict: bool, off_grid_last: bool) -> torch.Tensor:
+    """How many values of the grid lie below each ratio: `grid < r` if strict, else `grid <= r`.
 
     r: (tokens,) finite ratios. Returns the counts (tokens,) in [0, len(grid)], in r's dtype.
-    The nearest grid index comes from arithmetic (off by far less than 0.5 because steps are at
-    least MIN_STEP); one comparison with that grid value, made in r's dtype as the loss compares its
-    bounds, makes the count exact. Much cheaper than a binary search (`torch.bucketize`) per token.
-    Works in place on its temporaries: on CPU, fresh token-sized buffers cost page faults.
+    The grid is uniform, except for a last value closer than one step when `off_grid_last`
+    (clamp_last_step), which costs one more comparison. The nearest uniform index comes from
+    arithmetic (off by far less than 0.5 because steps are at least MIN_STEP and grid values at
+    most MAX_GRID_SCALE steps); one comparison with that grid value, made in r's dtype as the loss
+    compares its bounds, makes the count exact. Much cheaper than a binary search
+    (`torch.bucketize`) per token. Works in place on its temporaries: on CPU, fresh token-sized
+    buffers cost page faults.
     """
+    values = _grid_tensor(grid, r.dtype, r.device)
+    n_uniform = len(grid) - off_grid_last
     inv_step = 1.0 / step if step > 0 else 0.0
-    nearest = torch.sub(r, grid[0]).mul_(inv_step).round_().clamp_(0, len(grid) - 1)
+    nearest = torch.sub(r, grid[0]).mul_(inv_step).round_().clamp_(0, n_uniform - 1)
     index = nearest.long()
-    side = _grid_tensor(grid, r.dtype, r.device).index_select(0, index)
+    side = values.index_select(0, index)
     side = torch.sub(r, side, out=side).sign_()  # +1 above the nearest grid value, 0 on it, -1 below
     above = side.clamp_(min=0) if strict else side.add_(1).clamp_(max=1)
-    return nearest.add_(above)
+    count = nearest.add_(above)
+    if off_grid_last:
+        count.add_(r > values[-1] if strict else r >= values[-1])
+    return count
+
+
+def search_dtype(ratio: torch.Tensor) -> torch.Tensor:
+    """The ratio in the dtype both the search and the loss compare it in: float32 for half precision."""
+    return ratio if ratio.dtype in (torch.float32, torch.float64) else ratio.float()
 
 
 def _bucket_sums(bucket: torch.Tensor, values: torch.Tensor, n_buckets: int) -> torch.Tensor:
@@ -238,8 +276,8 @@ def path_contributions(
     """This process's share of the sums that decide rho at every path point. No host sync.
 
     Args:
-        ratio: (...) pi_theta / pi_rollout per token (any shape; compared in its own dtype, like the
-            loss; half-precision ratios in float32).
+        ratio: (...) pi_theta / pi_rollout per token, float32 or float64 (any shape; compared in its
+            own dtype, like the loss; promote half-precision ratios with `search_dtype` first).
         advantages: (...) same shape. mask: (...) bool or 0/1, tokens that count.
         weights: optional (...) per-token weights multiplying each contribution (verl's rollout_is_weights).
     Returns:
@@ -252,7 +290,7 @@ def path_contributions(
     path = ClipPath.from_spec(spec)
     r = ratio.detach().reshape(-1)
     if r.dtype not in (torch.float32, torch.float64):
-        r = r.float()
+        raise TypeError(f"path_contributions: ratio dtype {r.dtype}; promote it with bapo_core.search_dtype (float32 or float64)")
     # signed w * A in float64, 0 for masked or non-finite tokens (adding 0 * r makes it NaN where r
     # is not finite). In place: on CPU every fresh token-sized buffer costs page faults.
     wa = advantages.detach().reshape(-1).to(torch.float64, copy=True).mul_(mask.reshape(-1))
@@ -266,20 +304,15 @@ def path_contributions(
     # a negative counts in N(c_low_j) iff r >= c_low_j, i.e. iff more than j grid values are <= r.
     # Bucket sums over those counts, then cumulative sums, give P and N on the whole grid at once.
     n_high, n_low = len(path.c_high_grid), len(path.c_low_grid)
-    high_position = _grid_position(r, path.c_high_grid, spec.c_high_step, strict=True)
-    low_position = _grid_position(r, path.c_low_grid, spec.c_low_step, strict=False)
+    high_position = _grid_position(r, path.c_high_grid, spec.c_high_step, True, path.high_off_grid_last)
+    low_position = _grid_position(r, path.c_low_grid, spec.c_low_step, False, path.low_off_grid_last)
     # One bucket vector: positives at their c_high position (buckets 0..n_high), negatives after them
     # at their c_low position; selected arithmetically (x + s * (y - x), s = 0 or 1), no `where` pass.
     negative = torch.sign(wa).to(r.dtype).clamp_(max=0).neg_()  # 1 where w * A < 0, else 0
     bucket = low_position.add_(n_high + 1).sub_(high_position).mul_(negative).add_(high_position).long()
     mass = wa.abs_()  # |w * A| (reuses wa's buffer)
-    counted_ratio = r  # the ratio a token counts with
-    if spec.dual_clip_c is not None:
-        if spec.accounting == "gradient":  # dual-clipped negatives carry no gradient
-            mass.masked_fill_((r > spec.dual_clip_c) & (negative > 0), 0.0)
-        else:  # ... or count at the (exact) dual_clip_c
-            r64 = r.to(torch.float64)
-            counted_ratio = torch.where(negative > 0, r64.clamp(max=spec.dual_clip_c), r64)
+    if spec.dual_clip_c is not None and spec.accounting == "gradient":  # dual-clipped negatives carry no gradient
+        mass.masked_fill_((r > spec.dual_clip_c) & (negative > 0), 0.0)
 
     def cumulative(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bucket sums of `values`, cumulated over the positives' and over the negatives' buckets."""
@@ -288,7 +321,7 @@ def path_contributions(
 
     if spec.accounting == "value":  # clipped tokens count at the bound: A * c_high above it, |A| * c_low below it
         pos_mass, neg_mass = cumulative(mass)
-    pos_cum, neg_cum = cumulative(mass.mul_(counted_ratio))
+    pos_cum, neg_cum = cumulative(mass.mul_(r))
     p_grid = pos_cum[:-1]  # positives with r <= c_high
     n_grid = neg_cum[-1] - neg_cum[:-1]  # negatives with r >= c_low
     if spec.accounting == "value":
@@ -298,12 +331,11 @@ def path_contributions(
 
 
 def rho_value(pos: float, neg: float, rho_definition: str) -> float:
-    """rho from the positive and negative contributions (0 when nothing contributes)."""
+    """rho from the positive and negative contributions: a share (0 when nothing contributes) or
+    the authors' P / (N + RATIO_EPS) (inf when N <= 0)."""
     if rho_definition == "share":
         return pos / (pos + neg) if pos + neg > 0 else 0.0
-    if neg > 0:
-        return pos / neg
-    return math.inf if pos > 0 else 0.0
+    return pos / (neg + RATIO_EPS) if neg > 0 else math.inf
 
 
 def rho_along_path(sums: list[float], spec: ClipSearchSpec) -> list[float]:

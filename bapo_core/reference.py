@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .clip_search import ClipSearchResult, ClipSearchSpec
+from .clip_search import ClipSearchResult, ClipSearchSpec, rho_value
 
 
 def rho_at(ratio, advantages, mask, spec: ClipSearchSpec, c_low: float, c_high: float, weights=None) -> float:
@@ -29,16 +29,10 @@ def rho_at(ratio, advantages, mask, spec: ClipSearchSpec, c_low: float, c_high: 
             neg &= ratio <= spec.dual_clip_c
         p = (w * a * r)[pos].sum()
         n = (w * -a * r)[neg].sum()
-    else:  # every token at its (clamped) objective value
+    else:  # every token at its (clamped) objective value; the dual clip acts in the loss only
         p = (w * a * torch.clamp(r, max=c_high))[pos].sum()
-        r_neg = torch.clamp(r, min=c_low)
-        if spec.dual_clip_c is not None:
-            r_neg = torch.clamp(r_neg, max=spec.dual_clip_c)
-        n = (w * -a * r_neg)[neg].sum()
-    p, n = p.item(), n.item()
-    if spec.rho_definition == "share":
-        return p / (p + n) if p + n > 0 else 0.0
-    return p / n if n > 0 else (float("inf") if p > 0 else 0.0)
+        n = (w * -a * torch.clamp(r, min=c_low))[neg].sum()
+    return rho_value(p.item(), n.item(), spec.rho_definition)
 
 
 def search_clip_bounds_loop(
@@ -57,12 +51,16 @@ def search_clip_bounds_loop(
     num_signal = int((valid & (weighted != 0)).sum().item())  # tokens with a non-zero weighted advantage
     k_low = k_high = 0
 
+    def at(start, step, stop, k):
+        value = round(start + k * step, 12)
+        return min(value, stop) if spec.clamp_last_step else value
+
     def bounds():
-        c_low = round(spec.c_low_start + k_low * spec.c_low_step, 12)
-        c_high = round(spec.c_high_start + k_high * spec.c_high_step, 12)
-        return c_low, c_high
+        return at(spec.c_low_start, spec.c_low_step, spec.c_low_max, k_low), at(spec.c_high_start, spec.c_high_step, spec.c_high_max, k_high)
 
     def can_move(start, step, stop, k):
+        if spec.clamp_last_step:  # one more (possibly shorter) step while below the max
+            return step > 0 and at(start, step, stop, k) < stop - 1e-9
         return step > 0 and start + (k + 1) * step <= stop + 1e-9
 
     if num_signal == 0:

@@ -117,16 +117,20 @@ def test_micro_batch_split_gives_the_same_total_gradient(agg):
     torch.testing.assert_close(grad_split, grad_full, rtol=1e-12, atol=1e-12)
 
 
-def test_update_and_micro_batch_scopes_agree_with_one_micro_batch():
-    old, log_prob, adv, mask, weights = make_batch(seed=2, scale=0.7)
-    update_cfg = actor_config(BAPOPolicyLossConfig(scope="update"))
-    spec = update_cfg.policy_loss.search_spec
-    update_cfg.policy_loss.update_state.bounds = search_clip_bounds((log_prob - old).detach().exp(), adv, mask, spec, weights=weights)
-    loss_u, metrics_u = bapo_loss(old, log_prob, adv, mask, "token-mean", update_cfg, weights)
-    loss_m, metrics_m = bapo_loss(old, log_prob, adv, mask, "token-mean", actor_config(BAPOPolicyLossConfig(scope="micro_batch")), weights)
-    torch.testing.assert_close(loss_u, loss_m, rtol=0, atol=0)
-    assert metrics_u["actor/bapo/c_high"] == metrics_m["actor/bapo/c_high"] and metrics_u["actor/bapo/c_low"] == metrics_m["actor/bapo/c_low"]
-    assert (metrics_u["actor/bapo/bounds_from_update"], metrics_m["actor/bapo/bounds_from_update"]) == (1.0, 0.0)
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("use_weights", [False, True])
+def test_rho_is_the_positive_share_of_the_losss_own_gradient(agg, use_weights):
+    """At a fixed window, rho (gradient accounting) equals sum |dL/dlog pi| over A>0 tokens / over all
+    tokens, with the gradient taken by autograd through the loss and verl's aggregation."""
+    old, log_prob, adv, mask, weights = make_batch(seed=20, bsz=7, length=15, scale=0.6)
+    adv = adv + torch.randn(adv.shape, generator=torch.Generator().manual_seed(1), dtype=adv.dtype) * 0.3  # token-level
+    fixed = BAPOPolicyLossConfig(c_low_start=0.8, c_low_max=0.8, c_low_step=0.0, c_high_start=1.25, c_high_max=1.25, c_high_step=0.0, scope="micro_batch")
+    loss, metrics = bapo_loss(old, log_prob, adv, mask, agg, actor_config(fixed, loss_agg_mode=agg), weights if use_weights else None)
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    mass = grad.abs()
+    assert (mass[~mask] == 0).all()
+    share = mass[adv > 0].sum() / mass.sum()
+    assert metrics["actor/bapo/rho"] == pytest.approx(share.item(), rel=1e-9)
 
 
 def test_search_moves_bounds_and_loss_uses_them():
@@ -150,7 +154,7 @@ def test_metric_keys_are_complete_and_avoid_min_max_reduction():
     required = {
         "actor/bapo/c_low", "actor/bapo/c_high", "actor/bapo/rho", "actor/bapo/rho_start", "actor/bapo/search_steps",
         "actor/bapo/target_met", "actor/bapo/pos_token_frac", "actor/bapo/clipfrac_pos", "actor/bapo/clipfrac_neg",
-        "actor/bapo/clipfrac_entropy_raising", "actor/bapo/clipfrac_entropy_lowering",
+        "actor/bapo/clipfrac_entropy_raising_proxy", "actor/bapo/clipfrac_entropy_lowering_proxy",
         "actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower",
     }  # fmt: skip
     assert required <= set(metrics)
@@ -158,21 +162,32 @@ def test_metric_keys_are_complete_and_avoid_min_max_reduction():
     assert not [k for k in metrics if "max" in k or "min" in k]
     assert all(isinstance(v, float) for v in metrics.values())
     clipped = metrics["actor/bapo/clipfrac_pos"] + metrics["actor/bapo/clipfrac_neg"] + metrics["actor/bapo/clipfrac_dual"]
-    split = metrics["actor/bapo/clipfrac_entropy_raising"] + metrics["actor/bapo/clipfrac_entropy_lowering"]
+    split = metrics["actor/bapo/clipfrac_entropy_raising_proxy"] + metrics["actor/bapo/clipfrac_entropy_lowering_proxy"]
     assert split == pytest.approx(clipped)
 
 
 def test_entropy_clip_rule_split_on_a_hand_example():
-    """Low-probability positive and high-probability negative clipped tokens raise entropy."""
-    log_prob = torch.log(torch.tensor([[0.05, 0.9, 0.05, 0.9]], dtype=torch.float64))
-    ratio = torch.tensor([[5.0, 5.0, 0.1, 0.1]], dtype=torch.float64)  # positives above c_high, negatives below c_low
+    """Low-probability positive and high-probability negative clipped tokens raise entropy; "low" is
+    pi(y_t) < exp(-H_t) at the token's own position (paper Table 4 / App. B.4.2)."""
+    log_prob = torch.log(torch.tensor([[0.05, 0.9, 0.05, 0.9, 0.3, 0.3]], dtype=torch.float64))
+    ratio = torch.tensor([[5.0, 5.0, 0.1, 0.1, 5.0, 0.1]], dtype=torch.float64)  # positives above c_high, negatives below c_low
     old = log_prob - ratio.log()
-    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 1.0, -1.0]], dtype=torch.float64)
+    # the last two tokens have p = 0.3: "low" at a near-deterministic position (exp(-H) = 0.9),
+    # "high" at a flat one (exp(-H) = 0.1); the mean-log-prob proxy calls both of them high
+    entropy = -torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.9, 0.1]], dtype=torch.float64))
     fixed = BAPOPolicyLossConfig(c_high_start=1.2, c_high_max=1.2, c_high_step=0.0, c_low_start=0.8, c_low_max=0.8, c_low_step=0.0, scope="micro_batch")
-    _, metrics = bapo_loss(old, log_prob, adv, torch.ones_like(adv, dtype=torch.bool), "token-mean", actor_config(fixed))
-    # raising: the p=0.05 positive and the p=0.9 negative; lowering: the other two
-    assert metrics["actor/bapo/clipfrac_entropy_raising"] == 0.5 and metrics["actor/bapo/clipfrac_entropy_lowering"] == 0.5
-    assert metrics["actor/bapo/clipfrac_pos"] == 0.5 and metrics["actor/bapo/clipfrac_neg"] == 0.5
+    mask = torch.ones_like(adv, dtype=torch.bool)
+    fixed.update_state.entropy = entropy  # what the actor hook hands over from verl's gradient pass
+    _, metrics = bapo_loss(old, log_prob, adv, mask, "token-mean", actor_config(fixed))
+    # raising: the p=0.05 positive, the p=0.9 negative, the low positive at 4, the high negative at 5
+    assert metrics["actor/bapo/clipfrac_entropy_raising"] == pytest.approx(4 / 6)
+    assert metrics["actor/bapo/clipfrac_entropy_lowering"] == pytest.approx(2 / 6)
+    assert not [k for k in metrics if k.endswith("_proxy")]
+    fixed.update_state.entropy = None
+    _, proxy = bapo_loss(old, log_prob, adv, mask, "token-mean", actor_config(fixed))
+    assert proxy["actor/bapo/clipfrac_entropy_raising_proxy"] == pytest.approx(3 / 6)  # mean log-prob: p=0.3 is "high"
+    assert "actor/bapo/clipfrac_entropy_raising" not in proxy
 
 
 def degenerate_batches():

@@ -23,6 +23,7 @@ AUTHORS_CODE = ClipSearchSpec(
     search_order="low_first",
     accounting="value",
     rho_definition="ratio",
+    clamp_last_step=True,
     dual_clip_c=3.0,
 )
 
@@ -107,6 +108,7 @@ def specs(draw):
         search_order=draw(st.sampled_from(["high_first", "low_first"])),
         accounting=draw(st.sampled_from(["gradient", "value"])),
         rho_definition=definition,
+        clamp_last_step=draw(st.booleans()),
         dual_clip_c=draw(st.one_of(st.none(), st.floats(1.05, 5.0))),
     )
 
@@ -237,13 +239,17 @@ def test_memory_is_linear_in_tokens_plus_path_points():
     n_points=st.integers(1, 3000),
     use_float32=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
+    last_fraction=st.one_of(st.none(), st.floats(0.01, 0.99)),
 )
-def test_arithmetic_grid_position_equals_a_binary_search(start, step, n_points, use_float32, seed):
-    """The search buckets ratios with arithmetic + one comparison; torch.bucketize is the plain way."""
+def test_arithmetic_grid_position_equals_a_binary_search(start, step, n_points, use_float32, seed, last_fraction):
+    """The search buckets ratios with arithmetic + one comparison; torch.bucketize is the plain way.
+    `last_fraction`: a clamped last grid value (clamp_last_step) that fraction of a step after the uniform part."""
     from bapo_core.clip_search import _grid_position
 
     dtype = torch.float32 if use_float32 else torch.float64
     grid = tuple(round(start + k * step, 12) for k in range(n_points))
+    if last_fraction is not None:
+        grid += (round(grid[-1] + last_fraction * step, 12),)
     table = torch.tensor(grid, dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
     span = grid[-1] - grid[0] + 2 * step
@@ -258,5 +264,5 @@ def test_arithmetic_grid_position_equals_a_binary_search(start, step, n_points, 
     )
     for strict in (True, False):
         expected = torch.bucketize(ratios, table, right=not strict)  # grid values < r (strict) or <= r
-        position = _grid_position(ratios, grid, step if n_points > 1 else 0.0, strict)
+        position = _grid_position(ratios, grid, step if n_points > 1 else 0.0, strict, last_fraction is not None)
         torch.testing.assert_close(position.long(), expected, rtol=0, atol=0)

@@ -5,34 +5,70 @@ micro-batching by `micro_batch_size_per_gpu`, verl's real `ppo_loss` per micro-b
 It records which bounds every micro-batch's loss used, so the tests can check them against a direct search.
 """
 
+import json
+import os
+import time
 from contextlib import contextmanager
 from functools import partial
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import verl  # noqa: F401  (plugin: registers the loss and installs the worker hook)
 from bapo_core import search_clip_bounds
-from recipe.bapo.config import BAPOPolicyLossConfig
+from recipe.bapo.config import BaselinePolicyLossConfig, BAPOPolicyLossConfig
 from recipe.bapo.worker import BAPOTrainingWorker
 from verl.utils import tensordict_utils as tu
 from verl.workers.config import ActorConfig, PolicyLossConfig
-from verl.workers.engine_workers import ActorRolloutRefWorker
+from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
+from verl.workers.engine.utils import prepare_micro_batches
 from verl.workers.utils.losses import ppo_loss
+from verl.workers.utils.padding import no_padding_2_padding
 
 from verl_batches import model_log_probs, ppo_batch, set_global_batch_info
 
 
 class FakeEngine:
-    def __init__(self, has_outputs=True, lr=2.0):
-        self.theta = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        self.has_outputs, self.lr = has_outputs, lr
+    """verl's engine surface with a one-parameter policy. Micro-batches come from verl's own
+    prepare_micro_batches (fixed or dynamic bsz), in the probe forward and in the gradient pass alike;
+    `shape_noise` adds a term that depends on the micro-batch's shape, as GEMM rounding does under bf16,
+    so a probe partitioned differently from the gradient pass gives different ratios."""
+
+    def __init__(self, has_outputs=True, lr=2.0, shape_noise=0.0):
+        self.module = torch.nn.Module()
+        self.module.theta = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.has_outputs, self.lr, self.shape_noise = has_outputs, lr, shape_noise
         self.infer_calls = 0
+        self.partitions = {"infer": [], "train": []}  # per call: the micro-batches' row ids
         self.steps: list[list[dict]] = []  # per optimizer step: the loss metrics of each micro-batch
 
+    @property
+    def theta(self):
+        return self.module.theta
+
+    adapter_on = True  # theta plays the LoRA adapter: disable_adapter() gives the base model
+
     def log_prob(self, data):
-        return data["fake_anchor"] + self.theta * data["fake_feature"]
+        theta = self.theta if self.adapter_on else 0.0
+        return data["fake_anchor"] + theta * data["fake_feature"] + self.shape_noise * data.batch_size[0]
+
+    @contextmanager
+    def disable_adapter(self):
+        self.adapter_on = False
+        try:
+            yield
+        finally:
+            self.adapter_on = True
+
+    def micro_batches(self, data, kind):
+        data = data.copy()
+        data["input_ids"] = data["attention_mask"]  # padded: verl balances by attention_mask sums
+        micro, indices = prepare_micro_batches(data=data, dp_group=None, same_micro_num_in_dp=True)
+        self.partitions[kind].append([m["row_id"].tolist() for m in micro])
+        return micro
 
     # -- the BaseEngine surface TrainingWorker uses
     def get_data_parallel_group(self):
@@ -45,7 +81,7 @@ class FakeEngine:
         return 0
 
     def is_mp_src_rank_with_outputs(self):
-        return False  # skip verl's output post-processing (device memory stats)
+        return self.has_outputs
 
     @contextmanager
     def train_mode(self, **kwargs):
@@ -60,37 +96,45 @@ class FakeEngine:
         self.infer_calls += 1
         if not self.has_outputs:  # e.g. a Megatron pipeline stage before the last
             return {}
+        rows = {}
         with torch.no_grad():
-            return {"model_output": {"log_probs": model_log_probs(self.log_prob(data), data["response_mask"])}}
+            for micro in self.micro_batches(data, "infer"):
+                for i, lp in zip(micro["row_id"].tolist(), self.log_prob(micro)):
+                    rows[i] = lp
+        log_probs = torch.stack([rows[i] for i in data["row_id"].tolist()])
+        return {"loss": [], "metrics": {}, "model_output": {"log_probs": model_log_probs(log_probs, data["response_mask"])}}
 
     def train_batch(self, data, loss_function):
-        size = tu.get(data, "micro_batch_size_per_gpu")
         metrics = []
-        for start in range(0, data.batch_size[0], size):
-            micro = data[start : start + size]
+        for micro in self.micro_batches(data, "train"):
             set_global_batch_info(micro, batch_num_tokens=int(data["response_mask"].sum()), global_batch_size=data.batch_size[0])
             loss, m = loss_function(model_output={"log_probs": model_log_probs(self.log_prob(micro), micro["response_mask"])}, data=micro)
             loss.backward()
             metrics.append({k: v.aggregate() if hasattr(v, "aggregate") else v for k, v in m.items()})
         with torch.no_grad():
-            self.theta -= self.lr * self.theta.grad
+            self.theta.sub_(self.lr * self.theta.grad)
             self.theta.grad = None
         self.steps.append(metrics)
         return {"loss": [0.0], "metrics": {}, "model_output": {}}
 
 
-def make_worker(policy_loss, engine, micro_batch_size=2):
-    """A BAPOTrainingWorker around the fake engine (TrainingWorker.__init__ needs a real engine)."""
-    worker = object.__new__(BAPOTrainingWorker)
+def make_worker(policy_loss, engine, micro_batch_size=2, dynamic_bsz=False, max_token_len=None, infer_micro_batch_size=None, cls=BAPOTrainingWorker, **actor):
+    """A (BAPO)TrainingWorker around the fake engine (TrainingWorker.__init__ needs a real engine).
+    The inference micro-batch size (the old-log-prob pass) differs from the gradient pass's by default."""
+    worker = object.__new__(cls)
     worker.engine = engine
+    worker.device_name = "cpu"
+    worker.flops_counter = None
     worker.engine_config = SimpleNamespace(
-        forward_only=False, use_dynamic_bsz=False, max_token_len_per_gpu=None,
+        forward_only=False, use_dynamic_bsz=dynamic_bsz, max_token_len_per_gpu=max_token_len,
         micro_batch_size_per_gpu=micro_batch_size, use_fused_kernels=False,
-        infer_max_token_len_per_gpu=None, infer_micro_batch_size_per_gpu=micro_batch_size,
+        infer_max_token_len_per_gpu=None if max_token_len is None else 3 * max_token_len,
+        infer_micro_batch_size_per_gpu=infer_micro_batch_size or 2 * micro_batch_size,
     )  # fmt: skip
     worker.model_config = {"use_remove_padding": False}
     worker.profiler = SimpleNamespace(rank=0, step=lambda: None, check_enable=lambda: False)
-    config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=micro_batch_size, policy_loss=policy_loss)
+    batch_keys = {"ppo_max_token_len_per_gpu": max_token_len} if dynamic_bsz else {"ppo_micro_batch_size_per_gpu": micro_batch_size}
+    config = ActorConfig(strategy="fsdp", rollout_n=1, use_dynamic_bsz=dynamic_bsz, policy_loss=policy_loss, **batch_keys, **actor)
     worker.set_loss_fn(partial(ppo_loss, config=config))
     return worker
 
@@ -102,16 +146,16 @@ def rl_batch(seed=0, bsz=8, length=10):
     adv = torch.randn(bsz, 1, generator=gen, dtype=torch.float64).expand(bsz, length) - 0.6  # negatives dominate
     lengths = torch.randint(2, length + 1, (bsz,), generator=gen)
     mask = torch.arange(length)[None, :] < lengths[:, None]
-    return ppo_batch(anchor.clone(), adv.contiguous() * mask, mask, fake_anchor=anchor, fake_feature=feature)
+    return ppo_batch(anchor.clone(), adv.contiguous() * mask, mask, fake_anchor=anchor, fake_feature=feature, row_id=torch.arange(bsz))
 
 
-def compute_old_log_probs(worker, data):
-    """What the trainer's compute_log_prob does: a log-prob pass of the current policy."""
+def compute_old_log_probs(worker, data, **flags):
+    """What the trainer's compute_log_prob does: a log-prob pass of the current weights, whose output
+    becomes the batch's old_log_probs (as verl's trainers copy it)."""
     probe = data.copy()
-    tu.assign_non_tensor(probe, compute_loss=False, global_token_num=None)
-    worker.infer_batch(probe)
-    with torch.no_grad():
-        data["old_log_probs"] = worker.engine.log_prob(data)
+    tu.assign_non_tensor(probe, compute_loss=False, global_token_num=None, **flags)
+    output = worker.infer_batch(probe)
+    data["old_log_probs"] = no_padding_2_padding(output["log_probs"], probe).to(data["old_log_probs"].dtype)
 
 
 def run_step(worker, data, mini_batch_size=4, epochs=1):
@@ -146,7 +190,9 @@ def test_every_micro_batch_of_a_step_uses_the_bounds_of_the_whole_mini_batch():
     spec = worker._bapo.search_spec
     moved = 0
     for step, (metrics, mini, theta) in enumerate(zip(engine.steps, minis, thetas)):
-        bounds = {(m["actor/bapo/c_low"], m["actor/bapo/c_high"]) for m in metrics}
+        prefix = "actor/bapo/ratio_one/" if step == 0 else "actor/bapo/"  # r = 1 updates clip nothing
+        assert (step == 0) != ("actor/bapo/c_low" in metrics[0])
+        bounds = {(m[prefix + "c_low"], m[prefix + "c_high"]) for m in metrics}
         assert len(bounds) == 1, (step, bounds)  # identical across the step's micro-batches
         expected = direct_search(theta, mini, spec)
         assert bounds == {(expected.c_low, expected.c_high)}, (step, bounds, expected)
@@ -185,25 +231,183 @@ def test_hook_changes_nothing_for_other_losses_and_micro_batch_scope(policy_loss
         assert policy_loss.update_state.bounds is None
 
 
-def test_update_and_micro_batch_scopes_agree_with_one_micro_batch_per_update():
-    losses = {}
-    for scope in ("update", "micro_batch"):
-        engine = FakeEngine()
-        worker = make_worker(BAPOPolicyLossConfig(scope=scope), engine, micro_batch_size=4)
-        data = rl_batch(seed=3)
-        data["old_log_probs"] = data["fake_anchor"] - 0.4 * data["fake_feature"]
-        run_step(worker, data, mini_batch_size=4)
-        losses[scope] = (engine.theta.item(), [(m["actor/bapo/c_low"], m["actor/bapo/c_high"]) for s in engine.steps for m in s])
-    assert losses["update"] == losses["micro_batch"]
+def update_bounds(metrics):
+    return {(m.get("actor/bapo/c_low", m.get("actor/bapo/ratio_one/c_low")), m.get("actor/bapo/c_high", m.get("actor/bapo/ratio_one/c_high"))) for m in metrics}
 
 
-def test_a_rank_without_model_outputs_gets_no_bounds_and_skips_the_collective():
-    """Megatron pipeline stages before the last return no log-probs and never run the loss."""
-    engine = FakeEngine(has_outputs=False)
+def test_restored_old_weights_are_not_mistaken_for_the_current_policy():
+    """verl's separate_async / fully_async trainers (decoupled mode): save the current weights, restore
+    pi_old, compute_log_prob, restore the current weights -- by copying tensors, unseen by the worker."""
+    engine = FakeEngine()
     worker = make_worker(BAPOPolicyLossConfig(), engine)
-    data = rl_batch(seed=4)
-    assert worker._search_update_bounds(data, worker._bapo) is None
-    assert engine.infer_calls == 1
+    first, second = rl_batch(seed=10), rl_batch(seed=11)
+    compute_old_log_probs(worker, first)
+    pi_old = engine.theta.detach().clone()
+    run_step(worker, first, mini_batch_size=8)  # one update: the weights move to pi_1
+    pi_current = engine.theta.detach().clone()
+    assert pi_current != pi_old
+    engine.theta.data.copy_(pi_old)  # restore_model_from_cpu(pi_old), like Megatron's .data.copy_
+    compute_old_log_probs(worker, second)
+    engine.theta.data.copy_(pi_current)  # restore_model_from_cpu(current)
+    run_step(worker, second, mini_batch_size=8)
+    (update,) = engine.steps[1:]
+    assert update[0]["actor/bapo/ratio_assumed_one"] == 0.0
+    expected = direct_search(pi_current, second, worker._bapo.search_spec)
+    assert expected.steps > 0  # r != 1: the search has something to do
+    assert update_bounds(update) == {(expected.c_low, expected.c_high)}
+
+
+def test_an_adapter_disabled_pass_does_not_count_as_the_current_policy():
+    """LoRA with the reference in the actor: compute_ref_log_prob runs the actor with no_lora_adapter=True.
+    In bypass mode (old_log_probs = the rollout's) the next update must still run the forward."""
+    engine = FakeEngine()
+    worker = make_worker(BAPOPolicyLossConfig(), engine)
+    data = rl_batch(seed=12)
+    engine.theta.data.fill_(0.3)
+    reference = data.copy()
+    compute_old_log_probs(worker, reference, no_lora_adapter=True)  # adapter off: theta does not act
+    data["old_log_probs"] = reference["old_log_probs"]  # the rollout's log-probs (here: = the base model's)
+    run_step(worker, data, mini_batch_size=8)
+    assert engine.steps[0][0]["actor/bapo/ratio_assumed_one"] == 0.0
+    expected = direct_search(torch.tensor(0.3, dtype=torch.float64), data, worker._bapo.search_spec)
+    assert update_bounds(engine.steps[0]) == {(expected.c_low, expected.c_high)}
+
+
+def test_shortcut_can_be_turned_off():
+    engine = FakeEngine()
+    worker = make_worker(BAPOPolicyLossConfig(ratio_one_shortcut=False), engine)
+    data = rl_batch(seed=13)
+    compute_old_log_probs(worker, data)
+    run_step(worker, data, mini_batch_size=8)
+    assert engine.steps[0][0]["actor/bapo/ratio_assumed_one"] == 0.0 and engine.infer_calls == 2
+
+
+@pytest.mark.parametrize("dynamic_bsz", [False, True], ids=["fixed", "dynamic"])
+def test_probe_is_micro_batched_like_the_gradient_pass_and_its_ratios_are_the_loss_ratios(dynamic_bsz, tmp_path, monkeypatch):
+    monkeypatch.setenv("BAPO_TRACE_DIR", str(tmp_path))
+    monkeypatch.setenv("BAPO_TRACE_TENSORS", "1")
+    engine = FakeEngine(shape_noise=1e-3)
+    worker = make_worker(BAPOPolicyLossConfig(), engine, micro_batch_size=2, dynamic_bsz=dynamic_bsz, max_token_len=13)
+    data = rl_batch(seed=14, bsz=8, length=10)
+    data["old_log_probs"] = data["fake_anchor"] - 0.3 * data["fake_feature"]  # bypass: every update probes
+    run_step(worker, data, mini_batch_size=8, epochs=2)
+    probes, trains = engine.partitions["infer"], engine.partitions["train"]
+    assert len(probes) == len(trains) == 2 and probes == trains
+    assert any(len(p) > 1 for p in trains)  # several micro-batches per update
+    if dynamic_bsz:  # token-balanced: not the fixed micro-batch size
+        assert any(len(m) != 2 for p in trains for m in p)
+    records = [json.loads(line) for f in tmp_path.glob("*.jsonl") for line in f.read_text().splitlines()]
+    for update, partition in enumerate(trains):
+        (probe,) = [r for r in records if r["kind"] == "probe" and r["update"] == update]
+        losses = [r for r in records if r["kind"] == "loss" and r["update"] == update]
+        probe_ratio = torch.load(tmp_path / probe["tensors"])["ratio"]
+        order = data["row_id"].tolist()
+        for rows, loss in zip(partition, losses):
+            saved = torch.load(tmp_path / loss["tensors"])
+            for j, row in enumerate(rows):
+                n = int(data["response_mask"][row].sum())
+                assert torch.equal(saved["ratio"][j, :n], probe_ratio[order.index(row), :n]), (update, row)
+
+
+def test_hook_uses_rollout_is_weights_and_the_aggregation_in_rho():
+    for in_rho, agg in ((True, "token-mean"), (False, "token-mean"), (True, "seq-mean-token-mean")):
+        engine = FakeEngine()
+        worker = make_worker(BAPOPolicyLossConfig(rollout_is_in_rho=in_rho), engine, loss_agg_mode=agg)
+        data = rl_batch(seed=15)
+        data["old_log_probs"] = data["fake_anchor"] - 0.5 * data["fake_feature"]
+        gen = torch.Generator().manual_seed(3)
+        data["rollout_is_weights"] = torch.rand(data["old_log_probs"].shape, generator=gen, dtype=torch.float64) * 3
+        run_step(worker, data, mini_batch_size=8)
+        mask = data["response_mask"].bool()
+        weights = data["rollout_is_weights"] if in_rho else torch.ones_like(data["rollout_is_weights"])
+        if agg == "seq-mean-token-mean":  # each response's tokens share 1 / |y_i|
+            weights = weights / mask.sum(-1, keepdim=True)
+        ratio = (data["fake_anchor"] - data["old_log_probs"]).exp()
+        expected = search_clip_bounds(ratio, data["advantages"], mask, worker._bapo.search_spec, weights=weights)
+        assert update_bounds(engine.steps[0]) == {(expected.c_low, expected.c_high)}, (in_rho, agg)
+
+
+def test_plain_verl_loss_gets_exactly_verl_behaviour():
+    """With verl's own PolicyLossConfig the installed worker is inert: same metrics, same weights, no extra forward."""
+    results = {}
+    for cls in (TrainingWorker, BAPOTrainingWorker):
+        engine = FakeEngine()
+        worker = make_worker(PolicyLossConfig(loss_mode="vanilla"), engine, cls=cls)
+        data = rl_batch(seed=16)
+        data["old_log_probs"] = data["fake_anchor"] - 0.2 * data["fake_feature"]
+        step = data.copy()
+        tu.assign_non_tensor(step, mini_batch_size=4, epochs=1, seed=0, dataloader_kwargs={"shuffle": False})
+        output = worker.train_mini_batch(step)
+        results[cls] = (engine.theta.item(), engine.infer_calls, engine.steps, sorted(tu.get(output, "metrics")))
+    assert results[TrainingWorker] == results[BAPOTrainingWorker]
+    assert not [k for step in results[BAPOTrainingWorker][2] for m in step for k in m if k.startswith("actor/bapo")]
+
+
+def test_baseline_config_opts_in_to_the_imbalance_metrics():
+    engine = FakeEngine()
+    worker = make_worker(BaselinePolicyLossConfig(loss_mode="vanilla"), engine)
+    data = rl_batch(seed=17)
+    step = data.copy()
+    tu.assign_non_tensor(step, mini_batch_size=4, epochs=1, seed=0, dataloader_kwargs={"shuffle": False})
+    metrics = tu.get(worker.train_mini_batch(step), "metrics")
+    assert {"actor/bapo/neg_token_share", "actor/bapo/neg_adv_mass_share"} <= set(metrics)
+    assert engine.infer_calls == 0
+
+
+def test_dynamic_context_parallel_is_refused_at_start_up():
+    engine = FakeEngine()
+    with pytest.raises(ValueError, match="dynamic_context_parallel"):
+        worker = object.__new__(BAPOTrainingWorker)
+        worker.engine, worker.engine_config = engine, SimpleNamespace(dynamic_context_parallel=True)
+        worker.set_loss_fn(partial(ppo_loss, config=ActorConfig(strategy="megatron", rollout_n=1, ppo_micro_batch_size_per_gpu=1, policy_loss=BAPOPolicyLossConfig())))
+
+
+def test_bapo_configs_refuse_to_build_without_the_actor_hook(monkeypatch):
+    class OtherPluginsWorker(TrainingWorker):
+        pass
+
+    monkeypatch.setattr(ActorRolloutRefWorker, "actor_worker_cls", OtherPluginsWorker)
+    for build in (BAPOPolicyLossConfig, lambda: BaselinePolicyLossConfig(loss_mode="vanilla")):
+        with pytest.raises(RuntimeError, match="OtherPluginsWorker"):
+            build()
+    PolicyLossConfig(loss_mode="vanilla")  # other runs are unaffected
+
+
+def _pipeline_worker(rank, init_file, out_dir):
+    """Rank 0 = a first pipeline stage (no logits), rank 1 = the last stage; each its own DP group."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        dp_groups = [dist.new_group([0]), dist.new_group([1])]
+        engine = FakeEngine(has_outputs=rank == 1)
+        engine.get_data_parallel_group = lambda: dp_groups[rank]
+        worker = make_worker(BAPOPolicyLossConfig(), engine)
+        data = rl_batch(seed=18)
+        compute = data.copy()
+        tu.assign_non_tensor(compute, compute_loss=False, global_token_num=None)
+        worker.infer_batch(compute)  # a log-prob pass: every stage runs it, only the last has outputs
+        # bypass mode: old_log_probs are the rollout's. Only the last stage can see that they are not the
+        # pass's output (rank 0 sees unchanged weights), yet both must refuse the shortcut.
+        data["old_log_probs"] = data["fake_anchor"] - 0.4 * data["fake_feature"]
+        result = worker._search_update_bounds(data, worker._bapo)
+        torch.save({"result": result, "infer_calls": engine.infer_calls}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pipeline_stage_without_outputs_gets_no_bounds_and_ranks_agree_on_the_shortcut(tmp_path):
+    """Real gloo group: rank 0 (no outputs) must not join the last stage's search all-reduce, and both
+    ranks must take the same shortcut decision (their forwards are collectives under Megatron)."""
+    context = mp.spawn(_pipeline_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120  # a rank stuck in a collective the other never joins would hang
+    while not context.join(timeout=1):
+        assert time.monotonic() < deadline, "deadlock: the ranks did not finish"
+    first, last = (torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2))
+    assert first["result"] is None and last["result"] is not None
+    assert first["infer_calls"] == last["infer_calls"] == 2  # both ran the probe forward
+    data = rl_batch(seed=18)
+    data["old_log_probs"] = data["fake_anchor"] - 0.4 * data["fake_feature"]
+    expected = direct_search(torch.tensor(0.0, dtype=torch.float64), data, BAPOPolicyLossConfig().search_spec)
+    assert (last["result"].c_low, last["result"].c_high) == (expected.c_low, expected.c_high)
 
 
 def test_imbalance_metrics_match_a_direct_count():
@@ -226,8 +430,6 @@ def test_plugin_installs_the_worker_class():
 
 
 def test_trace_records_every_update_and_every_micro_batch(tmp_path, monkeypatch):
-    import json
-
     monkeypatch.setenv("BAPO_TRACE_DIR", str(tmp_path))
     monkeypatch.setenv("BAPO_TRACE_TENSORS", "1")
     engine = FakeEngine()

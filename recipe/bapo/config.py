@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from bapo_core import ClipSearchResult, ClipSearchSpec
@@ -27,8 +28,10 @@ class UpdateScopeState:
 
     bounds: the bounds searched over the whole mini-batch (all micro-batches, all DP ranks) of the
         step being taken; None outside a step. ratio_assumed_one: that search used r = 1 (the old
-        log-probs came from the current policy), skipping the extra forward. dp_group: the
-        data-parallel group collectives use.
+        log-probs came from the current weights), skipping the extra forward. dp_group: the
+        data-parallel group collectives use (set when the actor's hook is in place). entropy:
+        (bsz, resp_len) per-position entropy of the current micro-batch when verl computed it in
+        the gradient pass (actor.calculate_entropy or entropy_coeff != 0), else None.
     """
 
     bounds: Optional[ClipSearchResult] = None
@@ -36,6 +39,7 @@ class UpdateScopeState:
     update_index: int = -1  # optimizer steps this worker has taken before the current one
     micro_batch_index: int = 0  # loss calls so far in the current step
     dp_group: Optional[dist.ProcessGroup] = None
+    entropy: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -54,11 +58,17 @@ class BAPOPolicyLossConfig(PolicyLossConfig):
     | c_high_step | delta1 | 0.05 | step of the upper bound: 0 (fixed bound) or >= 1e-4 |
     | search_order | - | "high_first" | "high_first" (Algorithm 1) or "low_first" (authors' code) |
     | accounting | - | "gradient" | "gradient": clipped tokens count 0 in rho; "value": at their clamped value (authors' code) |
-    | rho_definition | - | "share" | "share" = P/(P+N) (paper) or "ratio" = P/N (authors' code) |
+    | rho_definition | - | "share" | "share" = P/(P+N) (paper) or "ratio" = P/(N+1e-8), inf when N <= 0 (authors' code) |
+    | clamp_last_step | - | false | false: a bound moves while start + k*step <= max (Algorithm 1); true: a last shorter step reaches the max (authors' code) |
+    | rollout_is_in_rho | - | true | rollout-IS weights (verl's rollout correction) multiply each token's contribution to rho, as they do its loss; false: rho ignores them (authors' code) |
     | scope | - | "update" | "update": one search per optimizer step over all its micro-batches and DP ranks; "micro_batch": one search per micro-batch inside the loss (authors' code) |
+    | ratio_one_shortcut | - | true | in `scope: update`, skip the extra forward when the old log-probs provably came from the weights about to be trained (r = 1 exactly); false: always run it |
     | dual_clip_c | - | None | None = no dual clip (paper); a value > 1 caps A<0 tokens at r = dual_clip_c (authors' code: 3.0) |
+    | imbalance_metrics | - | true | log the per-step imbalance statistics actor/bapo/{neg_token_share, neg_adv_mass_share, response_length_pos, response_length_neg} |
 
     verl's own clip keys (actor.clip_ratio, clip_ratio_low/high, clip_ratio_c) are not used by this loss.
+    rho weighs each token as the loss aggregation does (`actor.loss_agg_mode`: 1/|y_i| under
+    seq-mean-token-mean), so it is the positive share of the gradient the update takes.
     Every invalid setting raises ValueError naming the key, the value and the valid range.
     """
 
@@ -73,8 +83,12 @@ class BAPOPolicyLossConfig(PolicyLossConfig):
     search_order: str = "high_first"
     accounting: str = "gradient"
     rho_definition: str = "share"
+    clamp_last_step: bool = False
+    rollout_is_in_rho: bool = True
     scope: str = "update"
+    ratio_one_shortcut: bool = True
     dual_clip_c: Optional[float] = None
+    imbalance_metrics: bool = True
 
     def __post_init__(self):
         if self.loss_mode != BAPO_LOSS_MODE:
@@ -84,7 +98,11 @@ class BAPOPolicyLossConfig(PolicyLossConfig):
             )
         if self.scope not in SCOPES:
             raise ValueError(f"BAPO config: scope={self.scope!r} is invalid; valid: one of {list(SCOPES)}")
+        for key in ("rollout_is_in_rho", "ratio_one_shortcut", "imbalance_metrics"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"BAPO config: {key}={getattr(self, key)!r} is invalid; valid: true or false")
         self.search_spec  # validates every search key
+        require_actor_hook()
         # runtime state, not a config field (never in YAML): filled by the update-scope hook
         self.update_state = UpdateScopeState()
 
@@ -102,5 +120,50 @@ class BAPOPolicyLossConfig(PolicyLossConfig):
             search_order=self.search_order,
             accounting=self.accounting,
             rho_definition=self.rho_definition,
+            clamp_last_step=self.clamp_last_step,
             dual_clip_c=self.dual_clip_c,
+        )
+
+
+@dataclass
+class BaselinePolicyLossConfig(PolicyLossConfig):
+    """verl's PolicyLossConfig (any verl loss, e.g. loss_mode "vanilla") plus BAPO's opt-in diagnostics.
+
+    | key | default | meaning |
+    |---|---|---|
+    | imbalance_metrics | true | log actor/bapo/{neg_token_share, neg_adv_mass_share, response_length_pos, response_length_neg} per step (paper Fig. 4 statistics), so baselines are comparable with BAPO |
+
+    configs/policy_loss/grpo_vanilla.yaml uses it. verl's plain PolicyLossConfig logs none of them.
+    """
+
+    imbalance_metrics: bool = True
+
+    def __post_init__(self):
+        if self.loss_mode == BAPO_LOSS_MODE:
+            raise ValueError(
+                f"policy_loss.loss_mode={BAPO_LOSS_MODE!r} needs _target_=recipe.bapo.config.BAPOPolicyLossConfig, "
+                "not BaselinePolicyLossConfig"
+            )
+        if not isinstance(self.imbalance_metrics, bool):
+            raise ValueError(f"policy_loss.imbalance_metrics={self.imbalance_metrics!r} is invalid; valid: true or false")
+        if self.imbalance_metrics:
+            require_actor_hook()
+
+
+def require_actor_hook() -> None:
+    """Fail at start-up (config construction, on the driver and in every worker) when verl's actor will
+    not run BAPO's hook: another plugin set ActorRolloutRefWorker.actor_worker_cls first. Without the
+    hook the loss would have no data-parallel group (under Megatron PP > 1 a collective over all ranks
+    deadlocks, since only last-stage ranks run the loss) and scope="update" would have no bounds."""
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    from .worker import BAPOTrainingWorker
+
+    current = ActorRolloutRefWorker.actor_worker_cls
+    if not (isinstance(current, type) and issubclass(current, BAPOTrainingWorker)):
+        raise RuntimeError(
+            f"BAPO needs its actor hook, but verl's ActorRolloutRefWorker.actor_worker_cls is {current.__module__}."
+            f"{current.__qualname__} (set by another plugin, or the bapo-verl plugin was not loaded in this process). "
+            "Make that class subclass recipe.bapo.worker.BAPOTrainingWorker, or run without the other plugin; "
+            "without entry points set VERL_USE_EXTERNAL_MODULES=recipe.bapo.plugin."
         )

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from bapo_core import ClipSearchResult, clip_diagnostics, ppo_clip_loss, search_clip_bounds
+from bapo_core import ClipSearchResult, aggregation_weights, clip_diagnostics, ppo_clip_loss, search_clip_bounds, search_dtype
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
 from . import trace
@@ -38,15 +38,20 @@ def bapo_config_of(actor_config: Any) -> BAPOPolicyLossConfig:
 
 
 def dp_group_of(bapo: BAPOPolicyLossConfig) -> Optional[dist.ProcessGroup]:
-    """The group searches reduce over: the hook's DP group, else the default group, else none."""
+    """The group searches reduce over: the hook's DP group; outside verl's actor (the loss called
+    directly, e.g. in a script or test) the default group, else none. Inside verl's actor the hook
+    is always there: BAPO configs refuse to build without it (config.require_actor_hook)."""
     if bapo.update_state.dp_group is not None:
         return bapo.update_state.dp_group
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
 
 def log_ratio_of(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clamped log-ratio with non-finite entries (NaN/inf log-probs) set to 0, and the finite mask."""
-    log_ratio = torch.clamp(log_prob - old_log_prob, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
+    """Clamped log-ratio with non-finite entries (NaN/inf log-probs) set to 0, and the finite mask.
+
+    The one place the ratio's dtype is decided (half precision is promoted to float32), so the
+    search and the loss compare the same numbers with the bounds."""
+    log_ratio = torch.clamp(search_dtype(log_prob) - search_dtype(old_log_prob), min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
     finite = log_ratio == log_ratio  # the clamp already maps +-inf to +-20: only NaN is left
     return torch.nan_to_num(log_ratio, nan=0.0), finite
 
@@ -64,6 +69,17 @@ def _update_bounds(bapo: BAPOPolicyLossConfig) -> Optional[ClipSearchResult]:
             "Metric actor/bapo/bounds_from_update shows 0 for such calls."
         )
     return bounds
+
+
+def rho_weights(
+    bapo: BAPOPolicyLossConfig, mask: torch.Tensor, rollout_is_weights: Optional[torch.Tensor], actor_config: Any
+) -> Optional[torch.Tensor]:
+    """(bsz, resp_len) weight of each token in rho: its factor in the loss aggregation
+    (actor.loss_agg_mode) times its rollout-IS weight (unless rollout_is_in_rho is false); None = 1."""
+    weights = aggregation_weights(mask, actor_config.loss_agg_mode, getattr(actor_config, "loss_scale_factor", None))
+    if rollout_is_weights is None or not bapo.rollout_is_in_rho:
+        return weights
+    return rollout_is_weights if weights is None else weights * rollout_is_weights
 
 
 def _aggregation_info(config: Any, mask: torch.Tensor) -> dict:
@@ -103,9 +119,8 @@ def compute_policy_loss_bapo(
     bounds = _update_bounds(bapo)
     from_update = bounds is not None
     if bounds is None:
-        bounds = search_clip_bounds(
-            ratio, advantages, valid, bapo.search_spec, weights=rollout_is_weights, group=dp_group_of(bapo)
-        )
+        weights = rho_weights(bapo, valid, rollout_is_weights, config)
+        bounds = search_clip_bounds(ratio, advantages, valid, bapo.search_spec, weights=weights, group=dp_group_of(bapo))
 
     if trace.enabled():
         state = bapo.update_state
@@ -126,7 +141,12 @@ def compute_policy_loss_bapo(
         loss_mat=pg_losses, loss_mask=valid, loss_agg_mode=loss_agg_mode, **_aggregation_info(config, mask)
     )
 
-    diagnostics = clip_diagnostics(ratio, advantages, log_prob.detach(), valid, bounds.c_low, bounds.c_high, bapo.dual_clip_c)
+    entropy = bapo.update_state.entropy  # per-position entropy of this micro-batch, when verl computed it
+    if entropy is not None and entropy.shape != log_prob.shape:
+        raise RuntimeError(f"bapo: entropy {tuple(entropy.shape)} does not match log_prob {tuple(log_prob.shape)}")
+    diagnostics = clip_diagnostics(
+        ratio, advantages, log_prob.detach(), valid, bounds.c_low, bounds.c_high, bapo.dual_clip_c, entropy=entropy
+    )
     extra = {
         "ppo_kl": -(log_ratio.detach() * valid).sum() / torch.count_nonzero(valid).clamp(min=1),
         "nonfinite_token_frac": torch.count_nonzero(mask & ~finite) / torch.count_nonzero(mask).clamp(min=1),
@@ -135,16 +155,20 @@ def compute_policy_loss_bapo(
     values = dict(zip(names, torch.stack([*diagnostics.values(), *extra.values()]).tolist()))  # one host sync
 
     metrics = {f"actor/bapo/{name}": values[name] for name in diagnostics}
+    ratio_assumed_one = from_update and bapo.update_state.ratio_assumed_one
+    # Updates with r = 1 by construction can clip nothing: their bounds go to their own keys, so the
+    # per-step means of actor/bapo/c_low and c_high are those of the updates where the bounds acted.
+    bounds_prefix = "actor/bapo/ratio_one/" if ratio_assumed_one else "actor/bapo/"
     metrics.update(
         {
-            "actor/bapo/c_low": bounds.c_low,
-            "actor/bapo/c_high": bounds.c_high,
+            f"{bounds_prefix}c_low": bounds.c_low,
+            f"{bounds_prefix}c_high": bounds.c_high,
             "actor/bapo/rho": bounds.rho,
             "actor/bapo/rho_start": bounds.rho_start,
             "actor/bapo/search_steps": float(bounds.steps),
             "actor/bapo/target_met": float(bounds.target_met),
             "actor/bapo/bounds_from_update": float(from_update),
-            "actor/bapo/ratio_assumed_one": float(from_update and bapo.update_state.ratio_assumed_one),
+            "actor/bapo/ratio_assumed_one": float(ratio_assumed_one),
             "actor/bapo/nonfinite_token_frac": values["nonfinite_token_frac"],
             # verl's standard names, same meaning as its vanilla loss
             "actor/pg_clipfrac": values["clipfrac_pos"] + values["clipfrac_neg"],
