@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from recipe.sweep.grid import expand
-from recipe.sweep.launch import compose, prepare, progress_line, run_attempt
+from recipe.sweep.launch import compose, prepare, run_folders
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,18 +53,6 @@ def grid(args) -> list:
     return expand(args.methods, args.staleness, args.seeds, int(base.data.train_batch_size), variants)
 
 
-def watch(run_dirs: list[Path], stop: threading.Event, every: float) -> None:
-    """One line per run whose step moved since the last look."""
-    last: dict[Path, str] = {}
-    while not stop.wait(every):
-        for run_dir in run_dirs:
-            line = progress_line(run_dir)
-            head = line.rsplit(" elapsed", 1)[0] if line else None
-            if line and last.get(run_dir) != head:
-                last[run_dir] = head
-                print(f"[sweep] {line}", flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -90,21 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         elif infos[spec]["attempts"]:
             print(f"[sweep] {spec.name}: interrupted earlier, resuming (attempt {len(infos[spec]['attempts'])})", flush=True)
     print(f"[sweep] {len(todo)} of {len(specs)} runs to do, {args.jobs} at a time -> {out}", flush=True)
-    start, failed = time.perf_counter(), []
-    stop = threading.Event()
-    watcher = threading.Thread(target=watch, args=(todo, stop, args.progress_every), daemon=True)
-    watcher.start()
-
-    def one(run_dir: Path) -> None:
-        info = run_attempt(run_dir, args.keep_checkpoints)
-        status = "done" if info["finished"] else f"FAILED: {info['attempts'][-1].get('error')} (log: {run_dir}/train.attempt{len(info['attempts']) - 1}.log)"
-        print(f"[sweep] {info['name']}: {status} in {info['attempts'][-1]['wall_seconds']:.0f}s", flush=True)
-        if not info["finished"]:
-            failed.append(info["name"])
-
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(one, todo))
-    stop.set()
+    start = time.perf_counter()
+    failed = run_folders(todo, args.jobs, args.keep_checkpoints, args.progress_every)
     print(f"[sweep] {len(todo) - len(failed)} runs done, {len(failed)} failed, {time.perf_counter() - start:.0f}s; report: python -m recipe.report {out} --out {out}/report")
     return 1 if failed else 0
 

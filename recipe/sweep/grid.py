@@ -115,10 +115,10 @@ def expand(methods, staleness, seeds, train_batch_size: int, variants: dict[str,
     """Every combination, validated before anything runs (ValueError on the first bad value)."""
     variants = variants or {"": []}
     runs = []
-    for variant, extra in variants.items():
-        for method in methods:
-            for level in map(str, staleness):
-                for seed in seeds:
+    for variant, extra in variants.items():  # in run order: a partial sweep has every method at its first levels and seeds
+        for level in map(str, staleness):
+            for seed in seeds:
+                for method in methods:
                     overrides = (*method_overrides(method), *staleness_overrides(level, train_batch_size), *seed_overrides(seed), *extra)
                     runs.append(RunSpec(method, level, seed, variant, tuple(overrides)))
     names = [r.name for r in runs]

@@ -11,7 +11,9 @@ from __future__ import annotations
 import shlex
 import shutil
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from recipe.bapo.main_bapo import CONFIG_DIR, run_logged
@@ -117,6 +119,40 @@ def progress_line(run_dir: Path) -> str | None:
     text += f" score {score:.3f}" if score is not None else ""
     text += f" val {vals[-1]:.3f}" if vals else ""
     return text + f" elapsed {time.time() - current['started']:.0f}s"
+
+
+def watch(run_dirs: list[Path], stop: threading.Event, every: float) -> None:
+    """Print one progress line per run whose step moved since the last look, every `every` seconds."""
+    last: dict[Path, str] = {}
+    while not stop.wait(every):
+        for run_dir in run_dirs:
+            line = progress_line(run_dir)
+            head = line.rsplit(" elapsed", 1)[0] if line else None
+            if line and last.get(run_dir) != head:
+                last[run_dir] = head
+                print(f"[sweep] {line}", flush=True)
+
+
+def run_folders(run_dirs: list[Path], jobs: int, keep_checkpoints: bool = False, progress_every: float = 20.0) -> list[str]:
+    """Run the next attempt of every folder, `jobs` at a time, with progress lines; returns the failed runs' names."""
+    failed: list[str] = []
+    stop = threading.Event()
+    threading.Thread(target=watch, args=(run_dirs, stop, progress_every), daemon=True).start()
+
+    def one(run_dir: Path) -> None:
+        info = run_attempt(run_dir, keep_checkpoints)
+        last = info["attempts"][-1]
+        status = "done" if info["finished"] else f"FAILED: {last.get('error')} (log: {run_dir}/train.attempt{last['attempt']}.log)"
+        print(f"[sweep] {info['name']}: {status} in {last['wall_seconds']:.0f}s", flush=True)
+        if not info["finished"]:
+            failed.append(info["name"])
+
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(one, run_dirs))
+    finally:
+        stop.set()
+    return failed
 
 
 if __name__ == "__main__":  # one attempt of a prepared folder (what cluster jobs run): python -m recipe.sweep.launch RUN_DIR

@@ -24,7 +24,7 @@ PANELS = [
     ("train reward", [("critic/score/mean", "")]),
     ("validation accuracy", [("val-core/*/acc/mean@*", "")]),
     ("entropy", [("actor/entropy", "")]),
-    ("clip fraction", [("actor/pg_clipfrac", "all"), ("actor/bapo/clipfrac_entropy_raising", "entropy-raising")]),
+    ("clip fraction", [("actor/pg_clipfrac", "all"), ("actor/bapo/clipfrac_entropy_raising*", "entropy-raising")]),
     ("grad norm", [("actor/grad_norm", "")]),
     ("positive share", [("actor/bapo/rho", "rho (BAPO)"), ("derived/pos_adv_mass_share", "1 - neg |A| share")]),
     ("clip bounds (BAPO)", [("actor/bapo/c_low", "c_low"), ("actor/bapo/c_high", "c_high")]),
@@ -112,6 +112,17 @@ def table(groups: dict, sources: list[str]) -> str:
         row += [collapse_cell(group), fmt(mean_interval([r["info"].get("wall_seconds") for r in group]), 0)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def notes(runs: list[dict]) -> str:
+    """What the table's BAPO columns mean for these runs (which metric versions they logged)."""
+    flags = lambda name: {r["stats"].get(name) for r in runs} - {None}  # noqa: E731
+    lines = []
+    if 1.0 in flags("clipfrac_split_proxy"):
+        lines.append("the entropy-raising / -lowering split is the mean-log-prob proxy (no per-position entropy in the gradient pass)")
+    if 0.0 in flags("bounds_acting"):
+        lines.append("c_low / c_high average all updates, including those with r = 1 where no bound can act (runs before issue 10)")
+    return "".join(f"\nNote: {line}.\n" for line in lines)
 
 
 def compare(a, b) -> str:
@@ -227,7 +238,7 @@ def write_sweep_report(sweep_dir: Path, out_dir: Path, title: str = "Sweep repor
     text = f"# {title}\n\n{len(runs)} runs from `{sweep_dir}`"
     text += f"; **unfinished (partial curves)**: {', '.join(unfinished)}\n" if unfinished else ", all finished.\n"
     text += "\nMean over seeds with the 95% t-interval in brackets (recipe/sweep/stats.py defines every column).\n\n"
-    text += table(groups, sources) + "\n## Outcome (95% intervals: disjoint = a difference, overlapping = within noise)\n\n"
+    text += table(groups, sources) + notes(runs) + "\n## Outcome (95% intervals: disjoint = a difference, overlapping = within noise)\n\n"
     text += outcome(groups, sources) + fig11_table(groups, sources)
     text += f"\n![curves]({figure.name})\n\nExample command (run `{runs[0]['info']['name']}`): `{runs[0]['info']['command']}`\n"
     summary = out_dir / "summary.md"

@@ -9,8 +9,8 @@ Per run, from its merged metrics rows ({"step", "data"}):
 | `entropy_rel` | mean `actor/entropy` over the last `WINDOW` logged steps / mean over the first `WINDOW` |
 | `grad_norm_peak` | max `actor/grad_norm` |
 | `collapse_step` | first step of the first run of `COLLAPSE_K` consecutive steps with train reward < `COLLAPSE_FRACTION` x its running peak (peak over all steps so far, > 0); None = no collapse |
-| `clipfrac`, `clipfrac_raising`, `clipfrac_lowering` | mean over steps of `actor/pg_clipfrac` and of the Entropy-Clip Rule split `actor/bapo/clipfrac_entropy_{raising,lowering}` |
-| `rho`, `pos_share`, `c_low`, `c_high` | mean over steps of `actor/bapo/rho`, 1 - `actor/bapo/neg_adv_mass_share`, `actor/bapo/c_low`, `actor/bapo/c_high` |
+| `clipfrac`, `clipfrac_raising`, `clipfrac_lowering` | mean over steps of `actor/pg_clipfrac` and of the Entropy-Clip Rule split `actor/bapo/clipfrac_entropy_{raising,lowering}` (the per-position rule; when verl computed no entropy in the gradient pass, the BAPO loss logs the mean-log-prob proxy `..._proxy` instead, used here with `clipfrac_split_proxy` = 1) |
+| `rho`, `pos_share`, `c_low`, `c_high` | mean over steps of `actor/bapo/rho`, 1 - `actor/bapo/neg_adv_mass_share`, `actor/bapo/c_low`, `actor/bapo/c_high` (since issue 10 the bounds of updates with r = 1 by construction go to `actor/bapo/ratio_one/*`, so these are the bounds that acted; `bounds_acting` = 1 when a run logs that split) |
 
 A statistic whose keys a run did not log is absent (None), so a report on runs without some metric has
 no line for it.
@@ -28,8 +28,6 @@ COLLAPSE_K = 3
 VAL_KEY = re.compile(r"^val-core/(?P<source>[^/]+)/acc/mean@\d+$")
 STEP_MEANS = {
     "clipfrac": "actor/pg_clipfrac",
-    "clipfrac_raising": "actor/bapo/clipfrac_entropy_raising",
-    "clipfrac_lowering": "actor/bapo/clipfrac_entropy_lowering",
     "rho": "actor/bapo/rho",
     "c_low": "actor/bapo/c_low",
     "c_high": "actor/bapo/c_high",
@@ -83,6 +81,13 @@ def run_statistics(rows: list[dict]) -> dict[str, float | None]:
     for name, key in STEP_MEANS.items():
         values = series(rows, key)[1]
         out[name] = statistics.fmean(values) if values else None
+    keys = {k for r in rows for k in r["data"]}
+    proxy = "actor/bapo/clipfrac_entropy_raising" not in keys and "actor/bapo/clipfrac_entropy_raising_proxy" in keys
+    for name, side in (("clipfrac_raising", "raising"), ("clipfrac_lowering", "lowering")):
+        values = series(rows, f"actor/bapo/clipfrac_entropy_{side}" + ("_proxy" if proxy else ""))[1]
+        out[name] = statistics.fmean(values) if values else None
+    out["clipfrac_split_proxy"] = float(proxy) if out["clipfrac_raising"] is not None else None
+    out["bounds_acting"] = float(any(k.startswith("actor/bapo/ratio_one/") for k in keys)) if out["c_low"] is not None else None
     _, neg_mass = series(rows, "actor/bapo/neg_adv_mass_share")
     out["pos_share"] = 1 - statistics.fmean(neg_mass) if neg_mass else None
     return out
