@@ -25,7 +25,7 @@ ROLLOUT_TP=1
 bapo_method "$METHOD"
 
 RUN=(
-  +rollout@_global_=partial                                  # the preset (recipe/partial/)
+  +rollout=partial                                           # the preset (recipe/partial/, configs/rollout/partial.yaml)
   trainer.v1.trainer_mode=colocate_budget
   trainer.v1.colocate_budget.token_budget=$BUDGET            # paper Sec. 5.3: 2k / 4k per iteration
   # one update per rollout batch (ours): the off-policyness comes from the partial rollout alone

@@ -57,7 +57,6 @@ def runs_32b(tmp):
 
 
 A = "actor_rollout_ref."
-TP_RANGE = [A + "rollout.tensor_model_parallel_size"]
 # (what is broken, base run, overrides, key the message must name, words it must contain)
 BROKEN = [
     ("mini-batch x n not divisible by DP", "32b", ["trainer.n_gpus_per_node=6"], A + "actor.ppo_mini_batch_size", "data-parallel"),
@@ -164,7 +163,8 @@ def _readme_commands() -> list[str]:
             line = line.split(" #")[0].strip()
             if "recipe.bapo.main_bapo" in line or re.search(r"run_scripts/(?!prepare_data|eval_aime|multinode)\w+\.sh", line):
                 commands.append(line)
-    commands += re.findall(r"`(python -m recipe\.bapo\.main_bapo[^`]*)`", text)
+    # inline commands with arguments (a bare `python -m recipe.bapo.main_bapo` names the entry point)
+    commands += re.findall(r"`(python -m recipe\.bapo\.main_bapo [^`]+)`", text)
     return commands
 
 
@@ -178,6 +178,10 @@ def _argument_lists(command: str, tmp: Path) -> list[list[str]]:
         extra = words[words.index("--") + 1:] if "--" in words else []
         return printed_runs(Path(words[0]).name, script_env(tmp, **{k: v for k, v in env.items() if k != "DRY_RUN"}),
                             *(["--", *extra] if extra else []))
+    if words[0] == "sbatch":  # the Slurm launcher runs SCRIPT with the exported variables
+        exported = dict(kv.split("=", 1) for kv in next(w for w in words if w.startswith("--export="))[9:].split(",")[1:])
+        nodes = next(w for w in words if w.startswith("--nodes="))[8:]
+        return printed_runs(Path(exported.pop("SCRIPT")).name, script_env(tmp, **exported, NNODES=nodes))
     assert words[:3] == ["python", "-m", "recipe.bapo.main_bapo"], command
     return [words[3:]]
 

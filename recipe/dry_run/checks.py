@@ -198,15 +198,13 @@ def _paths(cfg, key) -> list[str]:
 
 
 def check_paths(cfg, env: dict[str, str]) -> list[Problem]:
-    """Missing data files and model dirs (today they fail after Ray started); relative paths on several nodes."""
+    """Missing data files (today they fail after Ray started); relative paths on several nodes."""
     out = []
     for key in ("data.train_files", "data.val_files"):
         for path in _paths(cfg, key):
             if not path.startswith(_REMOTE) and not Path(path).expanduser().is_file():
                 out.append(Problem(key, path, "file does not exist on this machine"))
-    model = str(cfg.actor_rollout_ref.model.path)
-    if is_local_path(model) and not Path(model).expanduser().is_dir():
-        out.append(Problem(A + "model.path", model, "directory does not exist (a hub id is written org/name)"))
+    model = str(cfg.actor_rollout_ref.model.path)  # a missing local model dir is refused earlier (core.py)
     if cfg.trainer.nnodes > 1:
         keyed = [(k, p) for k in _PATH_KEYS for p in _paths(cfg, k)]
         keyed += [(A + "model.path", model)] if is_local_path(model) else []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from recipe.bapo.main_bapo import CONFIG_DIR
 
-from .checks import Problem, cluster_checks, geometry
+from .checks import Problem, cluster_checks, geometry, run_env
 from .model import ModelFacts, is_local_path, load_model_facts
 from .plan import Plan, make_plan
 
@@ -69,7 +71,8 @@ def verl_checks(cfg: DictConfig, model_local: bool) -> list[str]:
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
     use_ref, use_critic = need_reference_policy(cfg), need_critic(cfg)
-    validate_config(cfg, use_reference_policy=use_ref, use_critic=use_critic)
+    with run_environment(cfg):
+        validate_config(cfg, use_reference_policy=use_ref, use_critic=use_critic)
     built = ["actor_rollout_ref.actor"]
     # the ones verl's trainer and workers build (trainer_base.py:381,703; engine_workers.py:553,651)
     sections = ["actor_rollout_ref.rollout", "actor_rollout_ref.rollout.checkpoint_engine"]
@@ -81,6 +84,21 @@ def verl_checks(cfg: DictConfig, model_local: bool) -> list[str]:
         omega_conf_to_dataclass(ref_as_the_worker_builds_it(cfg))
         built.append("actor_rollout_ref.ref")
     return built
+
+
+@contextlib.contextmanager
+def run_environment(cfg: DictConfig):
+    """The environment main_bapo exports before validating (ray_kwargs.ray_init.runtime_env.env_vars, e.g.
+    VERL_PLATFORM=cpu for cpu_tiny, which the project's wrapper of validate_config reads), restored after.
+    main_bapo's other pre-Ray steps are not repeated: cpu_backend.register() would register the CPU platform
+    for the whole process, and auto_set_device only maps trainer.device to the accelerator found."""
+    saved = dict(os.environ)
+    os.environ.update(run_env(cfg))
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def ref_as_the_worker_builds_it(cfg: DictConfig) -> DictConfig:
@@ -113,7 +131,8 @@ def dry_run(args: list[str]) -> DryRun:
     except VERL_CONFIG_ERRORS as e:
         raise DryRunError([f"verl config check: {type(e).__name__}: {e}"]) from e
     if is_local_path(model_path) and not model_local:
-        raise DryRunError([Problem("actor_rollout_ref.model.path", model_path, "directory does not exist")])
+        raise DryRunError([Problem("actor_rollout_ref.model.path", model_path,
+                                   "directory does not exist (a hub id is written org/name)")])
     facts = load_model_facts(model_path, dict(cfg.actor_rollout_ref.model.get("override_config") or {}))
     g = geometry(cfg, need_reference_policy(cfg))
     problems = cluster_checks(cfg, g, facts)
