@@ -212,3 +212,30 @@ def test_dry_run_script_end_to_end_subprocess(tmp):
     bad = subprocess.run(["bash", str(ROOT / "run_scripts/r1_32b.sh"), "--", A + "actor.ppo_max_token_len_per_gpu=4096"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and A + "actor.ppo_max_token_len_per_gpu=4096" in bad.stderr
+
+
+def test_eval_aime_gpu_command_passes_the_dry_run(tmp, tmp_path):
+    """`run_scripts/eval_aime.sh MODEL 16` on GPU (what every run script ends with): the overrides
+    recipe.evaluation builds from its arguments pass the dry run. (Before eval_aime.sh set rollout.name=vllm
+    and dynamic bsz, verl's validate_config refused them.)"""
+    from recipe.evaluation import generation_overrides
+
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {log}\n')
+    fake.chmod(0o755)
+    data = f"{tmp}/data/aime2024.parquet {tmp}/data/aime2025.parquet"
+    env = script_env(tmp, PYTHON=str(fake), DEVICE="gpu", DATA=data, MAX_RESPONSE_LENGTH="31744", N_GPUS="8")
+    subprocess.run(["bash", str(ROOT / "run_scripts/eval_aime.sh"), "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "16",
+                    "--", A + "rollout.tensor_model_parallel_size=4"], env=env, check=True, timeout=60)
+    argv = log.read_text().splitlines()
+    assert argv[:3] == ["-m", "recipe.evaluation", "run"]
+    cut = argv.index("--")
+    options, extra = argv[3:cut], argv[cut + 1:]
+    value = lambda flag: options[options.index(flag) + 1]  # noqa: E731
+    files = options[options.index("--data") + 1:options.index("--out")]
+    overrides = generation_overrides(value("--model"), files, int(value("--k")), Path(value("--out")),
+                                     float(value("--temperature")), float(value("--top-p")),
+                                     int(value("--max-response-length")))
+    result = dry_run([*overrides, *extra])
+    assert result.config.actor_rollout_ref.rollout.val_kwargs.n == 16 and result.plan.rollout_tp == 4

@@ -117,14 +117,13 @@ def _passes(cfg, g: Geometry) -> list[tuple]:
 
 
 def check_micro_batches(cfg, g: Geometry) -> list[Problem]:
-    """Token limits (utils/seqlen_balancing.py:384) and fixed micro-batch splits (workers/engine/utils.py:125);
-    a val-only run (evaluation) has no training passes."""
+    """Token limits (utils/seqlen_balancing.py:384) and fixed micro-batch splits (workers/engine/utils.py:125)."""
     out = []
     actor_dynamic = cfg.actor_rollout_ref.actor.use_dynamic_bsz
     if actor_dynamic != cfg.actor_rollout_ref.rollout.log_prob_use_dynamic_bsz:
         out.append(Problem(A + "rollout.log_prob_use_dynamic_bsz", cfg.actor_rollout_ref.rollout.log_prob_use_dynamic_bsz,
                            f"must equal actor.use_dynamic_bsz={actor_dynamic} (engine_workers.py asserts it)"))
-    for name, dyn_key, tok_key, micro_key, per_rank, sp in ([] if cfg.trainer.val_only else _passes(cfg, g)):
+    for name, dyn_key, tok_key, micro_key, per_rank, sp in _passes(cfg, g):
         if sel(cfg, dyn_key):
             limit = sel(cfg, tok_key)
             if limit is None or limit * sp < g.seq_len:
@@ -249,7 +248,9 @@ def run_env(cfg) -> dict[str, str]:
 
 
 def cluster_checks(cfg, g: Geometry, m: ModelFacts) -> list[Problem]:
+    """Every check; a val-only run (evaluation) has no training passes, so no batch or micro-batch checks."""
     env = run_env(cfg)
-    return [*check_parallel_sizes(cfg, g, m), *check_batches(cfg, g), *check_micro_batches(cfg, g),
-            *check_rollout(cfg, g, m), *check_legacy_reward(cfg), *check_paths(cfg, env), *check_misc(cfg, env)]
+    training = [] if cfg.trainer.val_only else [*check_batches(cfg, g), *check_micro_batches(cfg, g)]
+    return [*check_parallel_sizes(cfg, g, m), *training, *check_rollout(cfg, g, m), *check_legacy_reward(cfg),
+            *check_paths(cfg, env), *check_misc(cfg, env)]
 

@@ -84,7 +84,8 @@ def make_plan(cfg, g: Geometry, m: ModelFacts) -> Plan:
     if actor.use_dynamic_bsz:
         t_gpu = actor.ppo_max_token_len_per_gpu
         micro = math.ceil(per_rank * g.seq_len / (t_gpu * g.sp))
-        micro_formula = "ceil(seqs/rank * (P+R) / (ppo_max_token_len_per_gpu * sp)), at full length"
+        micro_formula = (f"ceil(seqs/rank * (P+R) / (ppo_max_token_len_per_gpu * sp)) at full length; "
+                         f"{math.ceil(per_rank * mean_len / (t_gpu * g.sp))} at the mean length")
     else:
         t_gpu = actor.ppo_micro_batch_size_per_gpu * g.seq_len
         micro = per_rank // actor.ppo_micro_batch_size_per_gpu
