@@ -116,3 +116,25 @@ def test_sweep_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path):
     assert repeat.returncode == 0, repeat.stdout[-3000:] + repeat.stderr[-3000:]
     assert prompts(out / "grpo-s2-seed1", 1) == prompts(tmp_path / "repeat" / "grpo-s2-seed1", 1)
     assert prompts(out / "grpo-s2-seed1", 1) != prompts(first, 1)
+
+
+def test_cluster_mode_calls_the_paper_run_script_with_the_grid(tmp_path, capsys):
+    """Each printed line, run through the script's own DRY_RUN=print, carries the cell's seed, staleness and method."""
+    from recipe.sweep.__main__ import main
+
+    script = ROOT / "run_scripts" / "r1_7b_32k_staleness_sweep.sh"
+    assert main(["--cluster", "--script", str(script), "--methods", "bapo", "clip_higher", "--staleness", "2", "4",
+                 "--seeds", "3", "--out", str(tmp_path)]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4
+    for line in lines:
+        args = subprocess.run(["bash", "-c", f"DRY_RUN=print {line}"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert args.returncode == 0, args.stderr
+        got = dict(a.split("=", 1) for a in args.stdout.split() if "=" in a)
+        staleness = int(line.split("STALENESS=")[1].split()[0])
+        assert int(got["actor_rollout_ref.actor.ppo_mini_batch_size"]) * staleness == int(got["data.train_batch_size"])
+        assert got["data.seed"] == got["actor_rollout_ref.rollout.seed"] == "3"
+        assert ("clip_ratio_high" in args.stdout) == ("METHOD=clip_higher" in line)
+        assert got["+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH"].startswith(str(tmp_path))
+    with pytest.raises(SystemExit):
+        main(["--cluster", "--script", str(ROOT / "run_scripts" / "r1_7b_8k_staleness8.sh"), "--staleness", "2", "4", "--out", str(tmp_path / "b")])

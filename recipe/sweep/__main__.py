@@ -3,6 +3,7 @@
     python -m recipe.sweep --methods bapo grpo clip_higher --staleness 1 4 8 --seeds 0 1 2 3 4 \\
         --out runs/study [--jobs 2] [--steps N] [-- +regime=cpu_stress ...]
     python -m recipe.sweep ... --cluster            # print one command per run instead of running it
+    python -m recipe.sweep ... --cluster --script run_scripts/r1_7b_32k_staleness_sweep.sh --staleness 2 4
 
 See recipe/sweep/__init__.py for what a run folder holds and how skipping and resuming work.
 """
@@ -14,6 +15,7 @@ import shlex
 import time
 from pathlib import Path
 
+from recipe.sweep.cluster import expand_for_script, script_commands
 from recipe.sweep.grid import expand
 from recipe.sweep.launch import compose, prepare, run_folders
 
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-rollouts", action="store_true", help="keep verl's generations per step (<run>/rollouts/<step>.jsonl)")
     p.add_argument("--progress-every", type=float, default=20.0, help="seconds between progress lines")
     p.add_argument("--cluster", action="store_true", help="prepare the folders and print one command per run")
+    p.add_argument("--script", default=None, help="with --cluster: print the runs as calls of this paper-run script (run_scripts/*.sh)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     return p
 
@@ -60,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         if value < low:
             parser.error(f"{flag}={value}: must be >= {low}")
     out = Path(args.out).resolve()
+    if args.script:
+        if not args.cluster:
+            parser.error("--script goes with --cluster")
+        try:
+            for line in script_commands(Path(args.script), out, expand_for_script(args)):
+                print(line)
+        except ValueError as error:
+            parser.error(str(error))
+        return 0
     try:
         specs = grid(args)
         infos = {spec: prepare(out / spec.name, spec, args.config_name, args.save_freq, args.dump_rollouts) for spec in specs}

@@ -13,6 +13,11 @@ resumed from checkpoint step c (verl's `latest_checkpointed_iteration.txt` when 
 scratch) replaces every row of earlier attempts with step > c; rows at step c (a resumed run validates
 before training at step c) are merged key by key, the later attempt winning. A killed attempt's last
 line may be cut short: an unparsable last line is dropped, an unparsable line elsewhere is an error.
+
+Runs launched by the paper-run scripts (`python -m recipe.sweep --cluster --script ...`) write
+`<run>/<script's run name>/metrics-<UTC time>.jsonl`, one per attempt, with no record of c: the files are
+taken in name (= time) order and c is inferred: the first row's step when that row holds only validation
+keys (verl validates before training when it resumes, val_before_train), else the first step - 1.
 """
 
 from __future__ import annotations
@@ -68,10 +73,21 @@ def write_info(run_dir: Path, info: dict) -> None:
     tmp.replace(path)
 
 
+def inferred_resume_step(rows: list[dict]) -> int:
+    if not rows:
+        return 0
+    first = rows[0]
+    only_validation = all(k.startswith(("val-core/", "val-aux/")) for k in first["data"])
+    return first["step"] if only_validation else first["step"] - 1
+
+
 def load_metrics(run_dir: Path) -> list[dict]:
     """The run's rows: its attempts merged (a sweep folder, also while running), else its metrics.jsonl."""
     run_dir = Path(run_dir)
     attempts = read_info(run_dir).get("attempts", [])
+    script_files = sorted(run_dir.glob("*/metrics-*.jsonl"), key=lambda p: p.name)
+    if not attempts and script_files:
+        return merge_attempts([(inferred_resume_step(rows), rows) for rows in map(read_jsonl, script_files)])
     if attempts:
         pairs = []
         for a in attempts:
