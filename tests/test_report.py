@@ -153,10 +153,12 @@ def test_script_attempts_merge_with_inferred_resume_points(tmp_path):
     (run / "run.json").write_text(json.dumps({"name": run.name, "method": "bapo", "staleness": "4", "seed": 0, "attempts": []}))
     write_jsonl(run / "r1-7b" / "metrics-20260101T000000Z.jsonl", [(0, {"val-core/a/acc/mean@16": 0.1}), *[(s, {"score": 1.0}) for s in range(1, 8)]])
     # resumed from the step-5 checkpoint: validation first (val_before_train), then steps 6..10
-    write_jsonl(run / "r1-7b" / "metrics-20260101T010000Z.jsonl", [(5, {"val-core/a/acc/mean@16": 0.5}), *[(s, {"score": 2.0}) for s in range(6, 11)]])
+    write_jsonl(run / "r1-7b" / "metrics-20260101T010000Z.jsonl",
+                [(5, {"val-core/a/acc/mean@16": 0.5}), *[(s, {"score": 2.0}) for s in range(6, 11)], (11, {"score": 2.0, "stale": 1.0})])
     # resumed from the step-10 checkpoint without validating first: starts at step 11
     write_jsonl(run / "r1-7b" / "metrics-20260101T020000Z.jsonl", [(s, {"score": 3.0}) for s in range(11, 13)])
     merged = {r["step"]: r["data"] for r in load_metrics(run)}
     assert sorted(merged) == list(range(13))
     assert merged[5] == {"score": 1.0, "val-core/a/acc/mean@16": 0.5}
-    assert [merged[s]["score"] for s in (6, 7, 10, 11)] == [2.0, 2.0, 2.0, 3.0]
+    assert [merged[s]["score"] for s in (6, 7, 10)] == [2.0, 2.0, 2.0]
+    assert merged[11] == {"score": 3.0}  # the killed attempt's step 11 is replaced whole, not merged
