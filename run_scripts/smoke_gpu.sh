@@ -14,6 +14,9 @@ if [[ "${DRY_RUN:-0}" == 0 ]]; then
     || bapo_die "smoke_gpu.sh needs an NVIDIA GPU: nvidia-smi lists none (DRY_RUN=1 checks the config without one)"
   "$PYTHON" -c "import vllm" 2>/dev/null \
     || bapo_die "smoke_gpu.sh needs vLLM: '$PYTHON -c \"import vllm\"' fails; install the GPU stack: pip install -e \".[gpu]\""
+  # verl's default attention (model.override_config.attn_implementation) and remove-padding path use it
+  "$PYTHON" -c "import flash_attn" 2>/dev/null \
+    || bapo_die "smoke_gpu.sh needs flash-attn (verl's default attention and use_remove_padding): '$PYTHON -c \"import flash_attn\"' fails"
 fi
 read -r TINY_MODEL TINY_TRAIN TINY_TEST < <("$PYTHON" -c "
 from recipe.data.tiny_assets import build_tiny_assets

@@ -17,7 +17,7 @@ from run_scripts_helpers import CASES, PARTIAL_PRESET, ROOT, SCRIPTS, case_id, m
 FAKE_PYTHON = """#!/usr/bin/env bash
 # records `python -m MODULE ARGS` (one argument per line, an empty line after), runs anything else for real
 if [[ "$1" == -m ]]; then printf '%s\\n' "$@" >> "$FAKE_LOG"; echo >> "$FAKE_LOG"; exit 0; fi
-[[ "$*" == "-c import vllm" ]] && exit 0
+[[ "$*" == "-c import vllm" || "$*" == "-c import flash_attn" ]] && exit 0
 exec {real} "$@"
 """
 FAKE_RAY = """#!/usr/bin/env bash
@@ -135,15 +135,6 @@ def test_staleness_sweep_covers_figure_11(tmp_path):
         (f"STALENESS={st}", f"METHOD={m}") for st in (2, 4) for m in ("clip", "clip_higher", "bapo")}
 
 
-def test_partial_rollout_script_names_the_missing_preset(tmp_path):
-    """Until configs/rollout/partial.yaml exists the script stops before anything else and names it."""
-    if PARTIAL_PRESET.exists():
-        pytest.skip("the partial-rollout preset exists: tests/test_dry_run.py dry-runs the script instead")
-    proc = run_script("partial_rollout_7b.sh", script_env(tmp_path, DRY_RUN="1"), check=False)
-    assert proc.returncode == 2
-    assert "configs/rollout/partial.yaml" in proc.stderr and "colocate_budget" in proc.stderr
-
-
 def test_smoke_gpu_refuses_without_gpu_or_vllm(tmp_path):
     """No nvidia-smi: a clear error; a GPU but no vLLM: a clear error (both before any work)."""
     if shutil.which("nvidia-smi"):
@@ -196,3 +187,28 @@ def test_scripts_have_usage_and_strict_mode():
         text = script.read_text()
         assert "set -euo pipefail" in text, script
         assert text.splitlines()[1].startswith("# "), script
+
+
+def test_run_ends_with_avg16_on_the_merged_last_checkpoint(fakes, tmp_path):
+    """After training, the script merges the latest checkpoint (verl.model_merger) and runs eval_aime.sh on it:
+    k = 16, the run's response length and rollout TP, its validation files. (Broken by evaluating at the
+    default 32k instead of the run's length: failed.)"""
+    bin_dir, log = fakes
+    env = script_env(tmp_path, PYTHON=str(bin_dir / "python"), FAKE_LOG=str(log), LENGTH="64k", METHOD="grpo")
+    ckpt = tmp_path / "ckpt" / "r1-32b-64k-grpo"
+    (ckpt / "global_step_250" / "actor").mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("250")
+    run_script("r1_32b.sh", env)
+    train, merge, evaluation = _calls(log)
+    assert train[:2] == ["-m", "recipe.bapo.main_bapo"]
+    actor = ckpt / "global_step_250" / "actor"
+    assert merge[:3] == ["-m", "verl.model_merger", "merge"]
+    assert merge[merge.index("--local_dir") + 1] == str(actor)
+    merged = merge[merge.index("--target_dir") + 1]
+    options = evaluation[:evaluation.index("--")]
+    assert options[:3] == ["-m", "recipe.evaluation", "run"]
+    assert options[options.index("--model") + 1] == merged and options[options.index("--k") + 1] == "16"
+    assert options[options.index("--max-response-length") + 1] == _settings(train[2:])["data.max_response_length"]
+    data = options[options.index("--data") + 1:options.index("--out")]
+    assert data == [str(tmp_path / "data" / f) for f in ("aime2024.parquet", "aime2025.parquet")]
+    assert "actor_rollout_ref.rollout.tensor_model_parallel_size=8" in evaluation

@@ -178,13 +178,15 @@ bapo_merged_model() {
   echo "$dir"
 }
 
-# bapo_eval NAME: avg@16 on AIME 2024/2025 of the run's last checkpoint, at the run's response length.
+# bapo_eval NAME: avg@16 on AIME 2024/2025 of the run's last checkpoint, at the run's response length, on this
+# node's GPUs (on a Ray head node, ray.init joins the running cluster; RAY_ADDRESS is the job API, not for it).
 bapo_eval() {
   local model
   model="$(bapo_merged_model "$1")"
   DATA="${VAL_FILES:-$(bapo_abs "${DATA:-$BAPO_ROOT/data}")/aime2024.parquet $(bapo_abs "${DATA:-$BAPO_ROOT/data}")/aime2025.parquet}" \
     OUT="$BAPO_LOGS/eval-avg16" MAX_RESPONSE_LENGTH="$RESPONSE_LENGTH" N_GPUS="$GPUS" DEVICE=gpu \
-    "$BAPO_ROOT/run_scripts/eval_aime.sh" "$model" 16 -- "actor_rollout_ref.rollout.tensor_model_parallel_size=$ROLLOUT_TP"
+    env -u RAY_ADDRESS "$BAPO_ROOT/run_scripts/eval_aime.sh" "$model" 16 -- \
+    "actor_rollout_ref.rollout.tensor_model_parallel_size=$ROLLOUT_TP" data.max_prompt_length=1024
 }
 
 bapo_eval_hint() {
