@@ -212,3 +212,17 @@ def test_run_ends_with_avg16_on_the_merged_last_checkpoint(fakes, tmp_path):
     data = options[options.index("--data") + 1:options.index("--out")]
     assert data == [str(tmp_path / "data" / f) for f in ("aime2024.parquet", "aime2025.parquet")]
     assert "actor_rollout_ref.rollout.tensor_model_parallel_size=8" in evaluation
+
+
+def test_ray_job_waits_unless_told_not_to(fakes, tmp_path):
+    """By default `ray job submit` waits (then the evaluation runs); RAY_NO_WAIT=1 submits in the background and
+    skips the evaluation, printing how to run it later."""
+    bin_dir, log = fakes
+    env = script_env(tmp_path, PYTHON=str(bin_dir / "python"), FAKE_LOG=str(log), LAUNCH="ray_job", EVAL="0",
+                     PATH=f"{bin_dir}:{script_env(tmp_path)['PATH']}")
+    run_script("authors_example.sh", env)
+    assert "--no-wait" not in _calls(log)[0]
+    log.unlink()
+    proc = run_script("authors_example.sh", {**env, "RAY_NO_WAIT": "1", "EVAL": "1"})
+    (job,) = _calls(log)
+    assert "--no-wait" in job[:job.index("--")] and "EVAL_ONLY=1" in proc.stderr

@@ -162,9 +162,11 @@ bapo_ray_job() {
   for var in NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME WANDB_API_KEY HF_HOME; do
     [[ -n "${!var:-}" ]] && env+=", \"$var\": \"${!var}\""
   done
+  local wait=()
+  [[ "${RAY_NO_WAIT:-0}" == 1 ]] && wait=(--no-wait)
   command -v ray >/dev/null || bapo_die "LAUNCH=ray_job: no 'ray' command on PATH (activate the project's environment)"
   ray job submit --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" --runtime-env-json "{\"env_vars\": {$env}}" \
-    ${RAY_NO_WAIT:+--no-wait} -- "$PYTHON" -m recipe.bapo.main_bapo "$@"
+    "${wait[@]}" -- "$PYTHON" -m recipe.bapo.main_bapo "$@"
 }
 
 # bapo_merged_model NAME: merge the run's latest FSDP checkpoint into a Hugging Face folder; prints its path.
