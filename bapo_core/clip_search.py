@@ -147,14 +147,14 @@ def validate_search_spec(spec: ClipSearchSpec) -> None:
                 f"{bound}_step > 0 while {bound}_start < {bound}_max (got {start} < {stop}); "
                 f"for a fixed bound set {bound}_max = {bound}_start",
             )
-    n_points = 1 + _grid_size(spec.c_low_start, spec.c_low_max, spec.c_low_step)
-    n_points += _grid_size(spec.c_high_start, spec.c_high_max, spec.c_high_step) + 2 * spec.clamp_last_step
-    if n_points > MAX_PATH_POINTS:
-        _fail("c_low_step/c_high_step", (spec.c_low_step, spec.c_high_step), f"a path of at most {MAX_PATH_POINTS} points (got {n_points})")
         if step != 0 and max(abs(start), abs(stop)) / step > MAX_GRID_SCALE:
             _fail(f"{bound}_step", step, f"max(|{bound}_start|, |{bound}_max|) / {bound}_step <= {MAX_GRID_SCALE:g} (got {start}, {stop})")
     if not isinstance(spec.clamp_last_step, bool):
         _fail("clamp_last_step", spec.clamp_last_step, "true or false")
+    n_points = 1 + _grid_size(spec.c_low_start, spec.c_low_max, spec.c_low_step)
+    n_points += _grid_size(spec.c_high_start, spec.c_high_max, spec.c_high_step) + 2 * spec.clamp_last_step
+    if n_points > MAX_PATH_POINTS:
+        _fail("c_low_step/c_high_step", (spec.c_low_step, spec.c_high_step), f"a path of at most {MAX_PATH_POINTS} points (got {n_points})")
     if spec.dual_clip_c is not None:
         _check_number("dual_clip_c", spec.dual_clip_c)
         if not spec.dual_clip_c > 1:
@@ -351,7 +351,8 @@ def select_bounds(sums: list[float], spec: ClipSearchSpec) -> ClipSearchResult:
     path = ClipPath.from_spec(spec)
     num_signal = int(round(sums[-1]))
     if num_signal == 0:  # no learning signal: nothing to balance
-        return ClipSearchResult(*path.bounds(0), 0.0, 0.0, 0, True, 0)
+        rho = rho_value(0.0, 0.0, spec.rho_definition)
+        return ClipSearchResult(*path.bounds(0), rho, rho, 0, True, 0)
     rhos = rho_along_path(sums, spec)
     met = next((k for k, rho in enumerate(rhos) if rho >= spec.rho_target), None)
     k = len(path) - 1 if met is None else met

@@ -64,7 +64,8 @@ def search_clip_bounds_loop(
         return step > 0 and start + (k + 1) * step <= stop + 1e-9
 
     if num_signal == 0:
-        return ClipSearchResult(*bounds(), 0.0, 0.0, 0, True, 0)
+        rho = rho_value(0.0, 0.0, spec.rho_definition)
+        return ClipSearchResult(*bounds(), rho, rho, 0, True, 0)
     rho = rho_start = rho_at(ratio, advantages, mask, spec, *bounds(), weights)
     steps = 0
     while rho < spec.rho_target:
