@@ -244,3 +244,10 @@ def test_eval_aime_gpu_command_passes_the_dry_run(tmp, tmp_path):
                                      int(value("--max-response-length")))
     result = dry_run([*overrides, *extra])
     assert result.config.actor_rollout_ref.rollout.val_kwargs.n == 16 and result.plan.rollout_tp == 4
+
+
+def test_megatron_config_is_planned_too(runs_32b):
+    """`model_engine=megatron` (not used by the scripts) gets DP = GPUs / (TP * PP * CP) and a plan."""
+    args = [a for a in runs_32b[1] if "ulysses" not in a and "strategy=" not in a]
+    result = dry_run([*args, "model_engine=megatron", A + "actor.megatron.tensor_model_parallel_size=2"])
+    assert result.plan.dp == 8 // 2 and result.config.actor_rollout_ref.actor.strategy == "megatron"

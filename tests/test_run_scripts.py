@@ -180,13 +180,19 @@ def test_slurm_launcher_starts_ray_and_submits_the_run(fakes, tmp_path):
     assert proc.returncode == 1 and "8 of 16 GPUs" in proc.stderr
 
 
-def test_scripts_have_usage_and_strict_mode():
-    """Every script starts with its usage (shown by -h) and runs under `set -euo pipefail`."""
+def test_scripts_have_usage_and_strict_mode(tmp_path):
+    """Every script starts with its usage and runs under `set -euo pipefail`; the paper-run scripts print the
+    usage for -h and refuse stray arguments (settings go in the environment, overrides after --)."""
     scripts = sorted(SCRIPTS.glob("*.sh")) + sorted((SCRIPTS / "multinode").glob("*"))
     for script in scripts:
         text = script.read_text()
         assert "set -euo pipefail" in text, script
         assert text.splitlines()[1].startswith("# "), script
+        if "lib/launch.sh" in text:
+            usage = run_script(script.name, script_env(tmp_path), "-h")
+            assert f"run_scripts/{script.name}" in usage.stdout and "set -euo" not in usage.stdout
+            stray = run_script(script.name, script_env(tmp_path), "METHOD=grpo", check=False)
+            assert stray.returncode == 2 and "after --" in stray.stderr
 
 
 def test_run_ends_with_avg16_on_the_merged_last_checkpoint(fakes, tmp_path):

@@ -35,7 +35,8 @@ def sel(cfg: DictConfig, key: str, default=None):
 
 @dataclass(frozen=True)
 class Geometry:
-    """Sizes every check and the plan derive from the config (FSDP: DP = GPUs / Ulysses sp)."""
+    """Sizes every check and the plan derive from the config. FSDP: DP = GPUs / Ulysses sp. Megatron (not used
+    by the run scripts): `sp` holds TP * PP * CP, so DP is right but the token arithmetic is approximate."""
 
     n_gpus: int
     sp: int
@@ -72,10 +73,12 @@ def geometry(cfg: DictConfig, use_ref: bool) -> Geometry:
 def check_parallel_sizes(cfg, g: Geometry, m: ModelFacts) -> list[Problem]:
     """DP from sp; Ulysses heads (verl/models/transformers/monkey_patch.py:343-348)."""
     out = []
-    key = A + "actor.ulysses_sequence_parallel_size"
+    megatron = cfg.actor_rollout_ref.actor.strategy == "megatron"
+    key = A + ("actor.megatron.tensor_model_parallel_size * pipeline * context" if megatron
+               else "actor.ulysses_sequence_parallel_size")
     if g.dp == 0:
         out.append(Problem(key, g.sp, f"must divide the GPU count trainer.nnodes * trainer.n_gpus_per_node = {g.n_gpus}"))
-    if cfg.actor_rollout_ref.actor.strategy != "megatron" and g.sp > 1:
+    if not megatron and g.sp > 1:
         if m.num_heads % g.sp:
             out.append(Problem(key, g.sp, f"must divide the model's {m.num_heads} attention heads (Ulysses splits heads)"))
         if m.num_kv_heads % g.sp and g.sp % m.num_kv_heads:

@@ -106,10 +106,17 @@ def make_plan(cfg, g: Geometry, m: ModelFacts) -> Plan:
     steps = cfg.trainer.total_training_steps
 
     # memory per GPU (bytes)
-    F = actor.fsdp_config.fsdp_size if actor.fsdp_config.get("fsdp_size", -1) > 0 else g.n_gpus
-    states = 16 * P / F
-    offload = actor.fsdp_config.param_offload or actor.fsdp_config.optimizer_offload
-    policy_offload = bool(actor.fsdp_config.get("offload_policy", False))
+    if actor.strategy == "megatron":
+        engine, mp = actor.megatron, actor.megatron.tensor_model_parallel_size * actor.megatron.pipeline_model_parallel_size
+        states = 8 * P / mp + 8 * P / g.n_gpus
+        states_formula = f"8 B * P / (TP*PP = {mp}) + 8 B * P / GPUs (Megatron, distributed optimizer; I)"
+    else:
+        engine = actor.fsdp_config
+        F = engine.fsdp_size if engine.get("fsdp_size", -1) > 0 else g.n_gpus
+        states = 16 * P / F
+        states_formula = f"16 B * P / FSDP group ({F})"
+    offload = bool(engine.get("param_offload", False) or engine.get("optimizer_offload", False))
+    policy_offload = bool(engine.get("offload_policy", False))
     gathered = 2 * 2 * m.largest_layer_params
     H, L, I, V = m.hidden_size, m.num_layers, m.intermediate_size, m.vocab_size
     ckpt = cfg.actor_rollout_ref.model.enable_gradient_checkpointing
@@ -122,7 +129,8 @@ def make_plan(cfg, g: Geometry, m: ModelFacts) -> Plan:
     kv_per_token = 2 * L * math.ceil(m.num_kv_heads / tp) * m.head_dim * 2
     kv_room = max(0.0, ro.gpu_memory_utilization * gpu_gib * GIB - vllm_weights - 2 * GIB)
     kv_tokens = int(kv_room // kv_per_token)
-    resident = 0 if (actor.fsdp_config.param_offload and actor.fsdp_config.optimizer_offload) or policy_offload else states
+    resident = 0 if (engine.get("param_offload", False) and engine.get("optimizer_offload", False)) or policy_offload \
+        else states
     memory = {"model states": states / GIB, "train peak": train_peak / GIB, "activations": acts / GIB,
               "logits": logits / GIB, "vllm weights": vllm_weights / GIB, "kv cache": kv_room / GIB,
               "rollout phase total": (resident + ro.gpu_memory_utilization * gpu_gib * GIB) / GIB}
@@ -156,7 +164,7 @@ def make_plan(cfg, g: Geometry, m: ModelFacts) -> Plan:
         f"peak {peak / 1e12:g} TFLOP/s: {seconds / 60:.1f} min, {plan.gpu_hours_per_step:.2f} GPU-hours"
         + (f"; x {steps} steps = {plan.gpu_hours_per_step * steps:,.0f} GPU-hours (estimate)" if steps else ""),
         f"memory     per GPU, estimate (formulas, unverified on hardware; GPU {gpu_gib:g} GiB assumed):",
-        f"  actor model states   16 B * P / FSDP group ({F}) = {gib(states)} (fp32 params, grads, Adam m and v; "
+        f"  actor model states   {states_formula} = {gib(states)} (fp32 params, grads, Adam m and v; "
         + ("param/optimizer offload: on the host between phases, back on the GPU for the update)" if offload and not
            policy_offload else "offload_policy: kept on the host)" if policy_offload else "resident all run)"),
         f"  gathered layer       2 layers * 2 B * {m.largest_layer_params:,} params = {gib(gathered)}",
@@ -173,7 +181,7 @@ def make_plan(cfg, g: Geometry, m: ModelFacts) -> Plan:
            if memory["rollout phase total"] > gpu_gib else ""),
     ]
     if offload:
-        lines.append(f"  host memory          16 B * P / FSDP group * GPUs per node = "
+        lines.append(f"  host memory          actor model states * GPUs per node = "
                      f"{states * cfg.trainer.n_gpus_per_node / GIB:.0f} GiB per node")
     plan.lines = lines
     return plan
