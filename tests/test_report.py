@@ -122,6 +122,9 @@ def test_sweep_report_against_direct_computation(tmp_path):
     rng = np.random.default_rng(7)
     sweep = tmp_path / "sweep"
     truth = {(m, s): direct(synthetic_run(sweep, m, s, rng, resumed=(m, s) == ("bapo", 1))) for m in ("bapo", "grpo") for s in range(4)}
+    synthetic_run(sweep, "grpo", 9, rng)  # still training: left out of the statistics, named in the summary
+    info = json.loads((sweep / "grpo-s8-seed9" / "run.json").read_text())
+    (sweep / "grpo-s8-seed9" / "run.json").write_text(json.dumps({**info, "finished": False}))
     merged = load_metrics(sweep / "bapo-s8-seed1")
     assert [r["step"] for r in merged] == list(range(13))  # every step once
     assert all(r["data"]["critic/score/mean"] != 99.0 for r in merged if "critic/score/mean" in r["data"])
@@ -134,6 +137,7 @@ def test_sweep_report_against_direct_computation(tmp_path):
         for name, value in expected.items():
             got = table[key][name]
             assert (got == "") if value is None else float(got) == pytest.approx(value, rel=1e-9), (key, name)
+    assert set(table) == set(truth)
     assert table[("grpo", 0)]["rho"] == "" and table[("bapo", 0)]["rho"] != ""  # a key a run never logged: no value
 
     summary = (out / "summary.md").read_text()
@@ -143,6 +147,7 @@ def test_sweep_report_against_direct_computation(tmp_path):
         assert f"{values.mean():.3f} [{values.mean() - half:.3f}, {values.mean() + half:.3f}]" in summary
         collapsed = sum(truth[(method, s)]["collapse_step"] is not None for s in range(4))
         assert f"| {collapsed}/4" in summary
+    assert "not finished): grpo-s8-seed9 (at step 12)" in summary
     assert "bapo vs grpo" in summary and (out / "sweep_curves.png").stat().st_size > 10_000
 
 

@@ -55,13 +55,16 @@ def is_sweep(path: Path) -> bool:
 
 
 def load_sweep(sweep_dir: Path) -> list[dict]:
-    """[{info, rows, stats}] of every run folder (runs without metrics yet are left out)."""
-    runs = []
+    """([{info, rows, stats}] of the finished runs (and of script runs, whose end is unknown), [names left out])."""
+    runs, waiting = [], []
     for run_dir in sorted(d for d in Path(sweep_dir).iterdir() if d.is_dir()):
         info = read_info(run_dir)
         if not info.get("method"):
             continue
         rows = load_metrics(run_dir)
+        if not rows or (info.get("attempts") and not info.get("finished")):  # laptop runs: finished ones only
+            waiting.append(info["name"] + (f" (at step {rows[-1]['step']})" if rows else ""))
+            continue
         for row in rows:
             if "actor/bapo/neg_adv_mass_share" in row["data"]:
                 row["data"]["derived/pos_adv_mass_share"] = 1 - row["data"]["actor/bapo/neg_adv_mass_share"]
@@ -69,7 +72,7 @@ def load_sweep(sweep_dir: Path) -> list[dict]:
             runs.append({"info": info, "rows": rows, "stats": run_statistics(rows)})
     if not runs:
         raise FileNotFoundError(f"{sweep_dir}: no run folder with metrics (run.json + metrics.attempt*.jsonl)")
-    return runs
+    return runs, waiting
 
 
 def cells(runs: list[dict]) -> dict[tuple, list[dict]]:
@@ -229,14 +232,15 @@ def write_csv(runs: list[dict], path: Path) -> None:
 
 
 def write_sweep_report(sweep_dir: Path, out_dir: Path, title: str = "Sweep report") -> Path:
-    runs = load_sweep(Path(sweep_dir))
+    runs, waiting = load_sweep(Path(sweep_dir))
     groups, sources = cells(runs), val_sources(runs)
     out_dir = Path(out_dir)
     figure = plot(groups, out_dir / "sweep_curves.png")
     write_csv(runs, out_dir / "runs.csv")
-    unfinished = [r["info"]["name"] for r in runs if not r["info"].get("finished")]
-    text = f"# {title}\n\n{len(runs)} runs from `{sweep_dir}`"
-    text += f"; **unfinished (partial curves)**: {', '.join(unfinished)}\n" if unfinished else ", all finished.\n"
+    unknown = [r["info"]["name"] for r in runs if not r["info"].get("finished")]
+    text = f"# {title}\n\n{len(runs)} finished runs from `{sweep_dir}`.\n"
+    text += f"\n**Not in the table** (not started or not finished): {', '.join(waiting)}\n" if waiting else ""
+    text += f"\nRuns launched by a script (finished or not, their metrics so far): {', '.join(unknown)}\n" if unknown else ""
     text += "\nMean over seeds with the 95% t-interval in brackets (recipe/sweep/stats.py defines every column).\n\n"
     text += table(groups, sources) + notes(runs) + "\n## Outcome (95% intervals: disjoint = a difference, overlapping = within noise)\n\n"
     text += outcome(groups, sources) + fig11_table(groups, sources)

@@ -84,7 +84,8 @@ def inferred_resume_step(rows: list[dict]) -> int:
 def load_metrics(run_dir: Path) -> list[dict]:
     """The run's rows: its attempts merged (a sweep folder, also while running), else its metrics.jsonl."""
     run_dir = Path(run_dir)
-    attempts = read_info(run_dir).get("attempts", [])
+    info = read_info(run_dir)
+    attempts = info.get("attempts", [])
     script_files = sorted(run_dir.glob("*/metrics-*.jsonl"), key=lambda p: p.name)
     if not attempts and script_files:
         return merge_attempts([(inferred_resume_step(rows), rows) for rows in map(read_jsonl, script_files)])
@@ -95,6 +96,8 @@ def load_metrics(run_dir: Path) -> list[dict]:
             pairs.append((a["resumed_from"], read_jsonl(path) if path.exists() else []))
         return merge_attempts(pairs)
     path = run_dir / "metrics.jsonl"
+    if "attempts" in info and not path.exists():  # a prepared sweep folder that has not started
+        return []
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run with trainer.logger=[console,file] and VERL_FILE_LOGGER_PATH={path}")
     return read_jsonl(path)
