@@ -170,10 +170,54 @@ def test_two_ranks_pick_identical_bounds_at_every_update(assets, tmp_path_factor
 
 
 def test_hf_rollout_without_cpu_platform_fails_before_ray(assets, tmp_path):
-    """verl's own entry point does not export the config's env: the CPU backend must say what to set."""
-    overrides = cpu_tiny(assets, tmp_path, "trainer.total_training_steps=1")
-    overrides[:2] = ["--config-path", str(ROOT / "configs"), "--config-name", "cpu_tiny"]
-    proc, _, _, wall = run_bapo(tmp_path, overrides, entry="verl.trainer.main_ppo", trace=False)
+    """Without VERL_PLATFORM=cpu the CPU backend registers nothing; main_bapo's own check must say what to set."""
+    overrides = cpu_tiny(assets, tmp_path, "trainer.total_training_steps=1", "~ray_kwargs.ray_init.runtime_env.env_vars.VERL_PLATFORM")
+    proc, _, _, wall = run_bapo(tmp_path, overrides, trace=False)
     assert proc.returncode != 0
     assert "export VERL_PLATFORM=cpu" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_authors_code_preset_with_two_ranks(assets, tmp_path_factory):
+    """scope: micro_batch through the real trainer: every micro-batch searches its own bounds over both ranks."""
+    out = tmp_path_factory.getbasetemp() / "authors_two_ranks"
+    overrides = cpu_tiny(assets, out, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=1",
+                         "policy_loss@actor_rollout_ref.actor.policy_loss=bapo_authors_code")
+    proc, rows, records, _ = run_bapo(out, overrides)
+    assert_succeeded(proc)
+    data = rows[0]["data"]
+    assert data["actor/bapo/bounds_from_update"] == 0.0 and data["actor/bapo/rho"] > 0
+    losses = [r for r in records if r["kind"] == "loss"]
+    assert not [r for r in records if r["kind"] == "update"]  # no per-update search in this scope
+    for rank in ("rank0", "rank1"):
+        assert [r for r in losses if r["file"].startswith(rank)], rank
+    # the i-th loss call of each rank is one collective search: both ranks used the same bounds
+    by_rank = {rank: [(r["c_low"], r["c_high"]) for r in losses if r["file"].startswith(rank)] for rank in ("rank0", "rank1")}
+    assert by_rank["rank0"] == by_rank["rank1"]
+    for c_low, c_high in by_rank["rank0"]:
+        assert on_grid(c_low, 0.8, 0.05, 0.95) and on_grid(c_high, 1.2, 0.1, 2.0), (c_low, c_high)
+
+
+VANILLA = ["policy_loss@actor_rollout_ref.actor.policy_loss=verl_vanilla", "algorithm.adv_estimator=grpo"]
+
+
+def test_plugin_changes_nothing_for_a_vanilla_verl_run(assets, tmp_path_factory):
+    """verl's own entry point, verl's vanilla loss and grpo: with the bapo-verl plugin loaded vs with only
+    the CPU backend (VERL_USE_EXTERNAL_PLUGINS=none): the same metric keys, none of them actor/bapo/*."""
+    keys = {}
+    for name, env in {
+        "with_plugin": {},
+        "cpu_backend_only": {"VERL_USE_EXTERNAL_PLUGINS": "none", "VERL_USE_EXTERNAL_MODULES": "recipe.cpu_backend.plugin"},
+    }.items():
+        out = tmp_path_factory.getbasetemp() / f"vanilla_{name}"
+        overrides = cpu_tiny(assets, out, "trainer.total_training_steps=1", *VANILLA)
+        overrides[:2] = ["--config-path", str(ROOT / "configs"), "--config-name", "cpu_tiny"]
+        overrides.remove(f"actor_rollout_ref.actor.policy_loss.rho_target={SPEC.rho_target}")
+        env_vars = {"VERL_PLATFORM": "cpu", "PYTHONPATH": str(ROOT), **env}
+        overrides += [f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={v}" for k, v in env.items()]
+        proc, rows, records, _ = run_bapo(out, overrides, entry="verl.trainer.main_ppo", **env_vars)
+        assert_succeeded(proc)
+        assert not records  # no BAPO trace: neither the hook nor the loss ran
+        keys[name] = set(rows[0]["data"])
+    assert not [k for k in keys["with_plugin"] if k.startswith("actor/bapo")]
+    assert keys["with_plugin"] == keys["cpu_backend_only"]

@@ -61,6 +61,8 @@ def run(config: DictConfig) -> None:
     from verl.utils.device import auto_set_device
 
     auto_set_device(config)
+    # rollout.name=hf without the cpu platform, and CPU misconfigurations, fail here, before Ray starts
+    cpu_backend.check_trainer_config(config, use_critic=need_critic(config))
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     if config.trainer.use_v1:
         runner = TaskRunnerV1

@@ -10,9 +10,10 @@ in every process) then adds, through verl's own registries:
   ``_ROLLOUT_REGISTRY[("hf", "async")]`` -> ``adapter.HFServerAdapter`` (weight sync from the actor);
 * the CPU fixes verl 0.9.1 needs (``patches.py``).
 
-Without VERL_PLATFORM=cpu nothing of the above is registered; only the driver-side config check
-(``config_check.py``) is installed, which turns ``rollout.name=hf`` without the cpu platform into an
-early error. The full set of trainer overrides for a CPU run is ``cpu_trainer_overrides()``.
+With VERL_PLATFORM=cpu it also wraps verl's driver-side ``validate_config`` with the CPU config checks
+(``config_check.py``). Without VERL_PLATFORM=cpu nothing is registered or wrapped: verl is unchanged.
+``recipe.bapo.main_bapo`` runs the same checks itself, so ``rollout.name=hf`` without the cpu platform
+fails there before Ray starts. The full set of trainer overrides for a CPU run is ``cpu_trainer_overrides()``.
 """
 
 from __future__ import annotations
@@ -35,15 +36,15 @@ _registered_cpu = False
 def register() -> None:
     """Install the config check; on VERL_PLATFORM=cpu also register platform, rollout and CPU fixes.
 
-    Idempotent and cheap without VERL_PLATFORM=cpu (one function wrap). Must run before verl resolves its
-    platform (first ``get_platform()`` call), which the plugin entry point guarantees.
+    Idempotent; a no-op without VERL_PLATFORM=cpu. Must run before verl resolves its platform (first
+    ``get_platform()`` call), which the plugin entry point guarantees.
     """
     global _registered_cpu
+    if not cpu_platform_requested() or _registered_cpu:
+        return  # not the cpu platform: verl is left exactly as it is
     from .config_check import install_config_check
 
     install_config_check()
-    if not cpu_platform_requested() or _registered_cpu:
-        return
     # The platform first: any later import may resolve verl's platform (get_platform() is cached for the process).
     from verl.plugin.platform import platform_manager
 
