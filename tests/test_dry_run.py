@@ -155,7 +155,9 @@ def test_local_config_json_wins_and_unknown_hub_ids_fail_offline(tmp_path):
 # ---------------------------------------------------------------------------------------------- README commands
 
 def _readme_commands() -> list[str]:
-    """Every README command that starts a trainer: main_bapo lines and run scripts (continuations joined)."""
+    """Every README command that starts a trainer: main_bapo lines, run scripts, and sweeps through a run script
+    (continuations joined). Not covered here: the laptop sweep (`python -m recipe.sweep` without --script, which
+    builds cpu_tiny configs inside recipe/sweep)."""
     text = (ROOT / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
@@ -182,6 +184,11 @@ def _argument_lists(command: str, tmp: Path) -> list[list[str]]:
         exported = dict(kv.split("=", 1) for kv in next(w for w in words if w.startswith("--export="))[9:].split(",")[1:])
         nodes = next(w for w in words if w.startswith("--nodes="))[8:]
         return printed_runs(Path(exported.pop("SCRIPT")).name, script_env(tmp, **exported, NNODES=nodes))
+    if words[:3] == ["python", "-m", "recipe.sweep"]:  # --cluster --script: one script call per run, printed
+        words[words.index("--out") + 1] = str(tmp / "sweep")
+        out = subprocess.run([str(ROOT / ".venv/bin/python"), *words[1:]], cwd=ROOT, capture_output=True, text=True,
+                             check=True, timeout=300).stdout
+        return [args for line in out.splitlines() for args in _argument_lists(line, tmp)]
     assert words[:3] == ["python", "-m", "recipe.bapo.main_bapo"], command
     return [words[3:]]
 
