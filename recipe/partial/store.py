@@ -147,6 +147,13 @@ class LocalClock:
 
     def __init__(self, store: PartialRolloutStore, poll_interval_s: float = 0.01) -> None:
         self.store, self.poll_interval_s = store, poll_interval_s
+        self._changed: Optional[asyncio.Event] = None
+
+    def notify(self) -> None:
+        """Wake parked sessions now (in-process runs call it after ``set_version`` / ``force``)."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     async def _ask(self, method: str, *args):
         return getattr(self.store, method)(*args)
@@ -165,7 +172,12 @@ class LocalClock:
 
     async def wait_newer(self, uid: str, version: int) -> None:
         while await self.version() <= version and not await self.is_forced(uid):
-            await asyncio.sleep(self.poll_interval_s)
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            try:  # woken by notify(), else polls
+                await asyncio.wait_for(self._changed.wait(), self.poll_interval_s)
+            except asyncio.TimeoutError:
+                pass
 
     async def report(self, key: str, record: SessionRecord) -> None:
         await self._ask("report", key, record.to_dict())

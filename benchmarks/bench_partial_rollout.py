@@ -1,0 +1,243 @@
+"""Rollout throughput with and without the token budget on a heavy-tailed response-length distribution.
+
+    python benchmarks/bench_partial_rollout.py [--steps 6 --groups 8 --n 4 --budget 16]
+
+Both modes run the real ``hf`` rollout server in-process (tiny random Qwen2, CPU, no Ray) on the same
+prompts and the same per-response lengths (forced with ``ignore_eos`` and a per-response length: 90%
+of the responses 16-48 tokens, 12% 160-256, so the longest 10% are >= 4x the median; prompts of 16
+tokens), side by side in one
+process:
+
+* **no budget** (a synchronous rollout): every step dispatches ``groups`` prompts x ``n`` and waits for all of
+  them, so each step lasts as long as its longest response while the batch empties;
+* **budget** (``recipe.partial``, as the ``colocate_budget`` trainer does it): sessions generate at most
+  ``budget`` tokens per version (``SegmentedGenerate`` + store + the sampler's progress rule: refill under
+  the in-flight cap, else force the oldest groups); a step ends once ``groups`` groups are finished, the
+  in-flight calls are aborted and the version advances (no weights change: the cost is the scheduling).
+
+Reported: trained responses per second of rollout wall time for each mode, the ratio, and the re-prefill
+share of the budget mode (prompt + prefix tokens prefilled again by continuation calls / all tokens the
+server processed: prompt prefills + re-prefills + generated tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import tempfile
+import time
+from collections import Counter
+
+from recipe.cpu_backend.testing import TinyModelSpec, build_tiny_model
+from recipe.partial.segments import BudgetPolicy, SegmentedGenerate
+from recipe.partial.store import LocalClock, PartialRolloutStore
+
+PROMPT_LENGTH = 16
+SHORT, LONG, LONG_SHARE = (16, 48), (160, 256), 0.12
+
+
+def heavy_tailed_lengths(count: int, rng: random.Random) -> list[int]:
+    return [rng.randint(*LONG) if rng.random() < LONG_SHARE else rng.randint(*SHORT) for _ in range(count)]
+
+
+def make_server(model_dir: str, max_len: int):
+    from verl.workers.config import HFModelConfig, RolloutConfig
+
+    from recipe.cpu_backend.server import HFRolloutServer
+
+    os.environ["VERL_PLATFORM"] = "cpu"
+    rollout = RolloutConfig(name="hf", tensor_model_parallel_size=1, dtype="float32", prompt_length=PROMPT_LENGTH,
+                            response_length=max_len, max_num_seqs=1024)
+    server = HFRolloutServer(rollout, HFModelConfig(path=model_dir, override_config={"attn_implementation": "sdpa"}))
+    server.global_steps = 0
+    return server
+
+
+PARAMS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True, "ignore_eos": True}
+
+
+class Workload:
+    """Prompt groups in a fixed order: (prompt ids, n response lengths)."""
+
+    def __init__(self, total_groups: int, n: int, seed: int = 0):
+        rng = random.Random(seed)
+        self.groups = [([rng.randrange(256) for _ in range(PROMPT_LENGTH)], heavy_tailed_lengths(n, rng))
+                       for _ in range(total_groups)]
+        self.next = 0
+
+    def take(self):
+        group = self.groups[self.next]
+        self.next += 1
+        return group
+
+
+async def run_no_budget(server, work: Workload, steps: int, groups: int) -> dict:
+    rollout_s, trained, counter = 0.0, 0, 0
+    for _ in range(steps):
+        batch = [work.take() for _ in range(groups)]
+        start = time.perf_counter()
+        calls = []
+        for prompt, lengths in batch:
+            for length in lengths:
+                counter += 1
+                calls.append(server.generate(prompt, dict(PARAMS, max_tokens=length), f"full{counter}"))
+        await asyncio.gather(*calls)
+        rollout_s += time.perf_counter() - start
+        trained += len(calls)
+    return {"rollout_s": rollout_s, "trained": trained, **engine_stats(server)}
+
+
+FORWARD_S = {"prefill": 0.0, "decode": 0.0}
+
+
+def time_forwards() -> None:
+    """Accumulate the wall time of the engine's prefill and decode forwards in FORWARD_S."""
+    from recipe.cpu_backend import engine
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                FORWARD_S[name] += time.perf_counter() - start
+
+        return wrapper
+
+    engine.prefill, engine.decode_step = timed("prefill", engine.prefill), timed("decode", engine.decode_step)
+
+
+def engine_stats(server) -> dict:
+    """Decode steps, mean rows per decode step and forward seconds since the last call (then reset)."""
+    stats = server.engine.stats
+    out = {"decode_steps": stats.steps, "mean_rows": stats.decode_rows / max(stats.steps, 1),
+           "prefill_s": FORWARD_S["prefill"], "decode_s": FORWARD_S["decode"]}
+    stats.steps = stats.decode_rows = 0
+    FORWARD_S.update(prefill=0.0, decode=0.0)
+    return out
+
+
+async def run_budget(server, work: Workload, steps: int, groups: int, budget: int, warmup_steps: int = 0,
+                     poll_s: float = 0.005) -> dict:
+    """``warmup_steps`` first steps fill the in-flight pool (steady state) and are not counted."""
+    store = PartialRolloutStore()
+    clock = LocalClock(store, poll_interval_s=1.0)  # woken by notify() below
+    max_len = max(max(lengths) for _, lengths in work.groups)
+    cap = groups * (1 + -(-max_len // budget))
+    inflight: dict[str, asyncio.Task] = {}  # uid -> task gathering its n sessions
+    finished: list[str] = []
+
+    async def call(request_id, *, prompt_ids, sampling_params, **kwargs):
+        return await server.generate(prompt_ids, sampling_params, request_id)
+
+    def dispatch():
+        prompt, lengths = work.take()
+        uid = f"g{work.next}"
+        sessions = [SegmentedGenerate(call, clock, BudgetPolicy(budget, length), uid, i, frozenset())
+                    for i, length in enumerate(lengths)]
+        inflight[uid] = asyncio.ensure_future(
+            asyncio.gather(*[s.generate(f"{uid}-{i}", prompt_ids=prompt, sampling_params=PARAMS) for i, s in enumerate(sessions)]))
+
+    def all_parked() -> bool:
+        live = [u for u in inflight if not inflight[u].done()]
+        states = store.session_states()
+        return all(len(states.get(u, {})) == len(work.groups[0][1]) and "calling" not in states[u].values() for u in live)
+
+    rollout_s, trained, base = 0.0, 0, {}
+    for _ in range(2 * groups):  # warm-up batch + the first step's batch, as colocate_budget dispatches
+        dispatch()
+    for step in range(warmup_steps + steps):
+        if step == warmup_steps:  # measure from here
+            rollout_s, trained, base = 0.0, 0, dict(store.counters)
+            engine_stats(server)
+        if step:
+            for _ in range(groups):
+                dispatch()
+        start = time.perf_counter()
+        stuck = 0
+        while True:
+            finished += [u for u, t in list(inflight.items()) if t.done() and u not in finished]
+            if len(finished) >= groups:
+                break
+            if time.perf_counter() - start > 120:
+                states = Counter(v for d in store.session_states().values() for v in d.values())
+                raise RuntimeError(f"budget mode stalled at step {step}: {len(finished)} finished, "
+                                   f"{len(inflight)} in flight, session states {dict(states)}")
+            stuck = stuck + 1 if all_parked() else 0
+            if stuck >= 2:  # the progress rule
+                stuck = 0
+                live = [u for u in inflight if not inflight[u].done()]
+                if len(live) < cap:  # refill the deficit under the in-flight cap (as the sampler does)
+                    for _ in range(min(cap - len(live), groups - len(finished))):
+                        dispatch()
+                else:
+                    oldest = store.running_min_versions()
+                    store.force(sorted(live, key=lambda u: oldest.get(u, 1 << 62))[: groups - len(finished)])
+                    clock.notify()
+            await asyncio.sleep(poll_s)
+        await server.abort_all_requests()  # end of sampling: in-flight calls park
+        rollout_s += time.perf_counter() - start
+        for uid in finished[:groups]:
+            trained += len((await inflight.pop(uid)))
+        store.forget(finished[:groups])
+        finished = finished[groups:]
+        store.set_version(step + 1)  # the weight update (unchanged weights)
+        await server.set_global_steps(step + 1)
+        await server.resume_generation()
+        clock.notify()
+    for task in inflight.values():
+        task.cancel()
+    counters = {k: v - base.get(k, 0) for k, v in store.counters.items()}
+    return {"rollout_s": rollout_s, "trained": trained, "reprefill": counters["reprefill_tokens"],
+            "generated": counters["tokens_generated"], "calls": counters["calls"], **engine_stats(server)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--groups", type=int, default=8, help="prompt groups trained per step")
+    parser.add_argument("--n", type=int, default=4, help="responses per prompt")
+    parser.add_argument("--budget", type=int, default=32, help="token budget per policy version")
+    parser.add_argument("--warmup-steps", type=int, default=4, help="budget-mode steps that fill the pool (not counted)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model_dir = build_tiny_model(tempfile.mkdtemp(prefix="bench_partial_"), TinyModelSpec(initializer_range=0.2))
+    probe = Workload(args.steps * args.groups * 4, args.n)
+    lengths = sorted(length for _, ls in probe.groups for length in ls)
+    median, top = statistics.median(lengths), lengths[int(0.9 * len(lengths)):]
+    print(f"response lengths: median {median}, longest 10% >= {min(top)} ({min(top) / median:.1f}x median), max {lengths[-1]}")
+    server = make_server(model_dir, max_len=lengths[-1])
+    time_forwards()
+    pool = (args.steps + args.warmup_steps) * args.groups * 4  # enough groups for either mode
+
+    async def both():
+        await run_no_budget(server, Workload(pool, args.n, seed=1), 1, args.groups)  # warm-up (not counted)
+        engine_stats(server)
+        full = await run_no_budget(server, Workload(pool, args.n), args.steps, args.groups)
+        budget = await run_budget(server, Workload(pool, args.n), args.steps, args.groups, args.budget,
+                                  warmup_steps=args.warmup_steps)
+        return full, budget
+
+    full, budget = asyncio.run(both())
+    rate_full = full["trained"] / full["rollout_s"]
+    rate_budget = budget["trained"] / budget["rollout_s"]
+    prefill = budget["calls"] and (budget["reprefill"] / (budget["reprefill"] + budget["generated"]
+                                                          + PROMPT_LENGTH * budget["trained"]))
+    print(f"{'mode':<10} {'trained':>8} {'rollout s':>10} {'responses/s':>12} {'decode steps':>13} {'rows/step':>10} "
+          f"{'prefill s':>10} {'decode s':>9}")
+    for name, r, rate in (("no budget", full, rate_full), ("budget", budget, rate_budget)):
+        print(f"{name:<10} {r['trained']:>8} {r['rollout_s']:>10.2f} {rate:>12.1f} {r['decode_steps']:>13} "
+              f"{r['mean_rows']:>10.1f} {r['prefill_s']:>10.2f} {r['decode_s']:>9.2f}")
+    print(f"speed-up {rate_budget / rate_full:.2f}x (target >= 1.3x); budget {args.budget} tokens; "
+          f"re-prefill share {prefill:.1%} of processed tokens ({budget['reprefill']} re-prefilled, "
+          f"{budget['generated']} generated, {budget['calls']} calls)")
+
+
+if __name__ == "__main__":
+    main()
