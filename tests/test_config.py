@@ -107,9 +107,9 @@ def test_authors_code_preset_values():
     assert (config.clamp_last_step, config.rollout_is_in_rho) == (True, False)
 
 
-def run_python(code, **env):
+def run_python(code, cwd=ROOT, **env):
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}, cwd=ROOT
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}, cwd=cwd
     )
 
 
@@ -132,3 +132,23 @@ def test_plugin_import_failure_is_logged_at_error_with_traceback():
     assert out.returncode == 0  # verl itself carries on ...
     assert "ERROR" in out.stderr and "registering the BAPO plugin in verl failed" in out.stderr, out.stderr
     assert "Traceback" in out.stderr and "ModuleNotFoundError" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("layout", ["authors_fork", "verl_recipe_package"])
+def test_a_foreign_recipe_tree_first_on_the_path_is_a_loud_error_naming_both(tmp_path, layout):
+    """A verl checkout's recipe/ (verl-recipe, a regular package) or the authors' fork's recipe/bapo
+    ahead of bapo-verl on sys.path: the entry point names both trees instead of importing the wrong one."""
+    foreign = tmp_path / "recipe"
+    (foreign / "bapo").mkdir(parents=True)
+    (foreign / "bapo" / "__init__.py").write_text("")
+    if layout == "verl_recipe_package":
+        (foreign / "__init__.py").write_text("")
+        (foreign / "bapo" / "__init__.py").unlink()
+        (foreign / "bapo").rmdir()
+    elsewhere = tmp_path / "work"  # not the project root, which Python would put first on sys.path
+    elsewhere.mkdir()
+    out = run_python("import verl", cwd=elsewhere, PYTHONPATH=str(tmp_path))
+    assert "ERROR" in out.stderr and "resolves to" in out.stderr, out.stderr
+    assert str(tmp_path) in out.stderr and os.path.join(ROOT, "recipe", "bapo") in out.stderr, out.stderr
+    fine = run_python("import verl; from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R; print('bapo' in R)", cwd=elsewhere)
+    assert fine.stdout.strip() == "True" and "resolves to" not in fine.stderr, fine.stderr
