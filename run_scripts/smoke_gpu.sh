@@ -25,13 +25,13 @@ print(a.model_dir, a.train_file, a.test_file)")
 
 MODEL="$TINY_MODEL"; TRAIN_FILE="$TINY_TRAIN"; VAL_FILES="$TINY_TEST"
 NNODES=1; GPUS=1
+PROMPT_LENGTH=112                                            # tiny prompts are 102 tokens
 RESPONSE_LENGTH=32                                           # the tiny task's answers are ~16 tokens
 ROLLOUT_TP=1
 STEPS="${STEPS:-4}"; SAVE_FREQ="${SAVE_FREQ:-4}"; TEST_FREQ="${TEST_FREQ:-4}"
 RUN_ID="${RUN_ID:-smoke-$(date -u +%Y%m%dT%H%M%SZ)}"
 
 RUN=(
-  data.max_prompt_length=112                                 # tiny prompts are 102 tokens
   data.train_batch_size=16
   actor_rollout_ref.rollout.n=4
   actor_rollout_ref.actor.ppo_mini_batch_size=4              # staleness 4 = 16 / 4

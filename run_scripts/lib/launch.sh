@@ -23,8 +23,10 @@
 #   STRICT_AB=1  baselines without verl's dual clip (clip_ratio_c=1e9), like BAPO's paper preset [verl's 3.0]
 #   STEPS [250], SAVE_FREQ [10], TEST_FREQ [10];  EVAL=0: no final evaluation;  EVAL_ONLY=1: only that
 #   PYTHON [<repo>/.venv/bin/python, else python3]
-# A script sets MODEL, NNODES, GPUS (defaults), RESPONSE_LENGTH and ROLLOUT_TP before calling bapo_launch.
-#   NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME   network interface for multi-node runs (passed to every node)
+#   NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, HF_HOME, WANDB_API_KEY   passed to every node by LAUNCH=ray_job
+#              (in the job's runtime env, which the Ray dashboard shows)
+# A script sets MODEL, NNODES, GPUS (defaults), RESPONSE_LENGTH and ROLLOUT_TP (and may set PROMPT_LENGTH,
+# default 1024) before calling bapo_launch.
 
 BAPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
@@ -78,6 +80,7 @@ bapo_common() {
   logs="$(bapo_abs "${LOGS:-$BAPO_ROOT/runs/logs}")"
   local train="${TRAIN_FILE:-$data/skywork_or1_math_train.parquet}" val=() v
   for v in ${VAL_FILES:-$data/aime2024.parquet $data/aime2025.parquet}; do val+=("$(bapo_abs "$v")"); done
+  BAPO_VAL_FILES="${val[*]}"
   loggers="console,file${WANDB_API_KEY:+,wandb}"
   local IFS=,
   COMMON_ARGS=(
@@ -88,7 +91,7 @@ bapo_common() {
     trainer.n_gpus_per_node="$GPUS"
     # batch geometry: 256 prompts x 16 responses, prompts <= 1024 tokens (authors' script l.14, 16, 94; the
     # paper reports none); staleness comes from each script's mini-batch and epochs
-    data.max_prompt_length=1024
+    data.max_prompt_length="${PROMPT_LENGTH:-1024}"
     data.train_batch_size=256
     actor_rollout_ref.rollout.n=16
     data.max_response_length="$RESPONSE_LENGTH"
@@ -185,10 +188,9 @@ bapo_merged_model() {
 bapo_eval() {
   local model
   model="$(bapo_merged_model "$1")"
-  DATA="${VAL_FILES:-$(bapo_abs "${DATA:-$BAPO_ROOT/data}")/aime2024.parquet $(bapo_abs "${DATA:-$BAPO_ROOT/data}")/aime2025.parquet}" \
-    OUT="$BAPO_LOGS/eval-avg16" MAX_RESPONSE_LENGTH="$RESPONSE_LENGTH" N_GPUS="$GPUS" DEVICE=gpu \
+  DATA="$BAPO_VAL_FILES" OUT="$BAPO_LOGS/eval-avg16" MAX_RESPONSE_LENGTH="$RESPONSE_LENGTH" N_GPUS="$GPUS" DEVICE=gpu \
     env -u RAY_ADDRESS "$BAPO_ROOT/run_scripts/eval_aime.sh" "$model" 16 -- \
-    "actor_rollout_ref.rollout.tensor_model_parallel_size=$ROLLOUT_TP" data.max_prompt_length=1024
+    "actor_rollout_ref.rollout.tensor_model_parallel_size=$ROLLOUT_TP" "data.max_prompt_length=${PROMPT_LENGTH:-1024}"
 }
 
 bapo_eval_hint() {
