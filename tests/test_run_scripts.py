@@ -232,3 +232,21 @@ def test_ray_job_waits_unless_told_not_to(fakes, tmp_path):
     proc = run_script("authors_example.sh", {**env, "RAY_NO_WAIT": "1", "EVAL": "1"})
     (job,) = _calls(log)
     assert "--no-wait" in job[:job.index("--")] and "EVAL_ONLY=1" in proc.stderr
+
+
+def test_ray_cluster_starts_ray_with_the_plugin_in_its_environment(tmp_path):
+    """ray_cluster.sh head/worker: `ray start` sees VERL_USE_EXTERNAL_MODULES and the checkout on PYTHONPATH
+    (every process Ray starts inherits them), GLOO follows NCCL's interface; a worker needs the head address."""
+    log = tmp_path / "ray.log"
+    fake = _fake(tmp_path / "ray", f'#!/usr/bin/env bash\necho "$* | $VERL_USE_EXTERNAL_MODULES | $PYTHONPATH | '
+                                   f'$GLOO_SOCKET_IFNAME" >> {log}\n')
+    env = script_env(tmp_path, RAY=str(fake), NCCL_SOCKET_IFNAME="ib0")
+    env.pop("GLOO_SOCKET_IFNAME", None)
+    run_script("multinode/ray_cluster.sh", env, "head")
+    run_script("multinode/ray_cluster.sh", env, "worker", "10.0.0.1")
+    head, worker = log.read_text().splitlines()
+    assert head.startswith("start --head --port=6379") and worker.startswith("start --address=10.0.0.1:6379")
+    for line in (head, worker):
+        _, plugin, path, gloo = line.split(" | ")
+        assert plugin == "recipe.bapo.plugin" and path.split(":")[0] == str(ROOT) and gloo == "ib0"
+    assert run_script("multinode/ray_cluster.sh", env, "worker", check=False).returncode == 2
