@@ -76,6 +76,17 @@ CASES = [
     ("41", "Answer: 41\nWait, let me recheck.\nAnswer: 42", False),
     # bold
     ("42", R + "So the result is **42**.", True),
+    # the answer phrase inside a bold span, or bold markers around an answer line (no \boxed{})
+    ("42", "**Final Answer: 42**", True),
+    ("42", "**Answer: 42**", True),
+    ("42", "**Final answer:** **42**", True),
+    ("42", "**The final answer is 42.**", True),
+    ("42", "Step 3 gives **17**. **The final answer is: 42**", True),
+    ("42", "**The answer is 42**", True),
+    ("42", "**The final answer is 41.**", False),
+    ("42", "**Final Answer**\n\n$42$", True),
+    ("42", "**Final Answer**\n41", False),
+    ("42", "**Answer: 42**\nWait, that is wrong.\n**Final Answer: 41**", False),
     ("42", "**Step 1**: compute. The result is **41**.", False),
     # no recognisable answer
     ("42", R + "The answer is 42.", False),

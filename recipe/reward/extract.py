@@ -19,8 +19,16 @@ _ANSWER_LINE_RE = re.compile(
     r"^[ \t>#*_]*(?:final[ \t]+answer|answer)[ \t*_]*[:：][ \t*_]*(?P<ans>[^\n]*?)[ \t]*$",
     re.IGNORECASE | re.MULTILINE,
 )
+# "**Final Answer**" alone on its line, the answer on the next non-empty line
+_ANSWER_HEADING_RE = re.compile(
+    r"^[ \t>#*_]*(?:final[ \t]+answer|answer)[ \t*_:：]*\n(?:[ \t]*\n)*[ \t]*(?P<ans>[^\n]*?)[ \t]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
 # **42** (a short bold span with a digit in it; used only when nothing better exists)
 _BOLD_RE = re.compile(r"\*\*([^*\n]{1,100})\*\*")
+# inside a bold span: "**The final answer is 42.**", "**Answer: 42**" -> what follows the phrase
+_PHRASE_RE = re.compile(r"(?:final[ \t]+answer|answer)[ \t]*(?:is|=|:|：)?[ \t]*(?P<ans>.+?)[ \t.]*$", re.IGNORECASE)
+_EMPHASIS = " \t*_"
 # ASCII control characters except tab and newline: they carry no math and confuse regexes/parsers
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -88,8 +96,10 @@ def extract_answer(text: str) -> Extraction:
 
     Order: the last `\\boxed{...}` / `\\fbox{...}` / `\\boxed X` (nested braces allowed; if the last
     box never closes, no answer is returned rather than an earlier box); else the last
-    "Answer:" / "Final answer:" line; else the last short bold `**...**` span containing a digit.
-    The caller is expected to have truncated `text` (only its tail matters).
+    "Answer:" / "Final answer:" line (or such a heading with the answer on the next line); else the
+    last short bold `**...**` span containing a digit -- what follows "answer is" / "answer:" when the
+    span holds that phrase ("**The final answer is 42.**"). Emphasis markers around an answer are
+    dropped. The caller is expected to have truncated `text` (only its tail matters).
     """
     boxes = list(_BOX_RE.finditer(text))
     if boxes:
@@ -97,12 +107,15 @@ def extract_answer(text: str) -> Extraction:
         if content is None:
             return Extraction(None, "malformed_box")
         return Extraction(content, "boxed")
-    lines = [m.group("ans") for m in _ANSWER_LINE_RE.finditer(text) if m.group("ans").strip("*_ $")]
+    lines = [(m.start(), m.group("ans").strip(_EMPHASIS)) for m in _ANSWER_LINE_RE.finditer(text)]
+    lines += [(m.start(), m.group("ans").strip(_EMPHASIS)) for m in _ANSWER_HEADING_RE.finditer(text)]
+    lines = [answer for _, answer in sorted(lines) if answer.strip("$")]
     if lines:
         return Extraction(lines[-1], "answer_line")
     bolds = [b for b in _BOLD_RE.findall(text) if any(ch.isdigit() for ch in b)]
     if bolds:
-        return Extraction(bolds[-1], "bold")
+        phrase = _PHRASE_RE.search(bolds[-1])
+        return Extraction(phrase.group("ans").strip(_EMPHASIS) if phrase else bolds[-1], "bold")
     return Extraction(None, "none")
 
 
