@@ -258,3 +258,11 @@ def test_megatron_config_is_planned_too(runs_32b):
     args = [a for a in runs_32b[1] if "ulysses" not in a and "strategy=" not in a]
     result = dry_run([*args, "model_engine=megatron", A + "actor.megatron.tensor_model_parallel_size=2"])
     assert result.plan.dp == 8 // 2 and result.config.actor_rollout_ref.actor.strategy == "megatron"
+
+
+def test_memory_over_the_gpu_is_a_warning(runs_32b, monkeypatch):
+    """The memory estimate is unverified, so exceeding the assumed GPU warns (naming the phase) but passes."""
+    monkeypatch.setenv("DRY_RUN_GPU_GIB", "40")
+    result = dry_run(runs_32b[0])
+    assert result.plan.memory_gib["train peak"] > 40
+    assert any("actor update" in w.message for w in result.warnings)

@@ -139,4 +139,7 @@ def dry_run(args: list[str]) -> DryRun:
     errors = [p for p in problems if p.fatal]
     if errors:
         raise DryRunError(errors)
-    return DryRun(cfg, facts, make_plan(cfg, g, facts), [p for p in problems if not p.fatal], built)
+    plan = make_plan(cfg, g, facts)
+    warnings = [p for p in problems if not p.fatal]
+    warnings += [Problem("memory", f"{plan.gpu_gib:g} GiB GPU", w, fatal=False) for w in plan.memory_warnings()]
+    return DryRun(cfg, facts, plan, warnings, built)

@@ -52,7 +52,15 @@ class Plan:
     memory_gib: dict[str, float]
     kv_tokens_per_replica: int
     kv_concurrent_seqs: int
+    gpu_gib: float
     lines: list[str] = field(default_factory=list)
+
+    def memory_warnings(self) -> list[str]:
+        """Phases whose estimated per-GPU memory exceeds the assumed GPU (an estimate: a warning, not an error)."""
+        over = {"train peak": "the actor update (lower ppo_max_token_len_per_gpu, raise sp)",
+                "rollout phase total": "the rollout (offload params and optimizer, or lower gpu_memory_utilization)"}
+        return [f"estimated {self.memory_gib[k]:.1f} GiB per GPU in {what} > DRY_RUN_GPU_GIB={self.gpu_gib:g}"
+                for k, what in over.items() if self.memory_gib[k] > self.gpu_gib]
 
     def text(self) -> str:
         return "\n".join(self.lines)
@@ -141,7 +149,7 @@ def make_plan(cfg, g: Geometry, m: ModelFacts) -> Plan:
         staleness=staleness, responses_per_step=B, seqs_per_update=M, seqs_per_update_per_rank=per_rank,
         micro_batches_per_update=micro, tokens_per_step_max=B * g.seq_len, tokens_per_step_mean=B * mean_len,
         flops=flops, hours_per_step=seconds / 3600, gpu_hours_per_step=g.n_gpus * seconds / 3600, steps=steps,
-        memory_gib=memory, kv_tokens_per_replica=kv_tokens, kv_concurrent_seqs=kv_tokens // g.seq_len,
+        memory_gib=memory, kv_tokens_per_replica=kv_tokens, kv_concurrent_seqs=kv_tokens // g.seq_len, gpu_gib=gpu_gib,
     )
     gib = lambda x: f"{x / GIB:.1f} GiB"  # noqa: E731
     total = sum(flops.values())
