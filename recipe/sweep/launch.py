@@ -18,7 +18,7 @@ from pathlib import Path
 
 from recipe.bapo.main_bapo import CONFIG_DIR, run_logged
 from recipe.sweep.grid import RunSpec
-from recipe.sweep.runs import attempt_metrics, checkpoint_step, read_info, read_jsonl, write_info, write_merged
+from recipe.sweep.runs import attempt_metrics, attempt_wall, checkpoint_step, read_info, read_jsonl, write_info, write_merged
 
 
 def run_overrides(run_dir: Path, spec: RunSpec, save_freq: int, dump_rollouts: bool = False) -> list[str]:
@@ -95,7 +95,7 @@ def run_attempt(run_dir: Path, keep_checkpoints: bool = False) -> dict:
     info["finished"] = record["returncode"] == 0 and info["total_steps"] in steps
     if record["returncode"] == 0 and not info["finished"]:
         record["error"] = f"trainer exited 0 but step {info['total_steps']} is not in {metrics}"
-    info["wall_seconds"] = sum(a.get("wall_seconds", 0.0) for a in info["attempts"])
+    info["wall_seconds"] = sum(attempt_wall(run_dir, a) for a in info["attempts"])
     write_info(run_dir, info)
     if info["finished"] and not keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)

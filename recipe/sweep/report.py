@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from recipe.sweep.grid import parse_staleness
-from recipe.sweep.runs import load_metrics, read_info
+from recipe.sweep.runs import attempt_wall, load_metrics, read_info
 from recipe.sweep.stats import COLLAPSE_FRACTION, COLLAPSE_K, mean_interval, run_statistics, series
 
 PANELS = [
@@ -68,8 +68,9 @@ def load_sweep(sweep_dir: Path) -> list[dict]:
         for row in rows:
             if "actor/bapo/neg_adv_mass_share" in row["data"]:
                 row["data"]["derived/pos_adv_mass_share"] = 1 - row["data"]["actor/bapo/neg_adv_mass_share"]
-        if rows:
-            runs.append({"info": info, "rows": rows, "stats": run_statistics(rows)})
+        if info.get("attempts"):  # killed attempts count from their start to their log's last write
+            info["wall_seconds"] = sum(attempt_wall(run_dir, a) for a in info["attempts"])
+        runs.append({"info": info, "rows": rows, "stats": run_statistics(rows)})
     if not runs:
         raise FileNotFoundError(f"{sweep_dir}: no run folder with metrics (run.json + metrics.attempt*.jsonl)")
     return runs, waiting

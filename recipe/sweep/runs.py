@@ -110,6 +110,14 @@ def write_merged(run_dir: Path) -> list[dict]:
     return rows
 
 
+def attempt_wall(run_dir: Path, attempt: dict) -> float:
+    """Seconds an attempt ran: measured, or for a killed one (no record) its start to its log's last write."""
+    if "wall_seconds" in attempt:
+        return attempt["wall_seconds"]
+    log = Path(run_dir) / f"train.attempt{attempt['attempt']}.log"
+    return max(0.0, log.stat().st_mtime - attempt["started"]) if log.exists() and "started" in attempt else 0.0
+
+
 def checkpoint_step(checkpoint_dir: Path) -> int:
     """The step verl resumes from with resume_mode=auto (0: none, training starts from scratch)."""
     tracker = Path(checkpoint_dir) / CHECKPOINT_TRACKER
