@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .segments import BudgetPolicy
 
@@ -55,8 +55,10 @@ def parse(config: DictConfig) -> PartialConfig:
     section = config.trainer.v1.get("colocate_budget")
     if section is None:
         raise ValueError(f"trainer_mode=colocate_budget needs the {SECTION} section: add +rollout=partial")
-    budget = section.get("token_budget")
     length = int(config.actor_rollout_ref.rollout.response_length)
+    if OmegaConf.is_missing(section, "token_budget"):
+        raise ValueError(f"{SECTION}.token_budget is required; valid: 1 <= token_budget < rollout.response_length={length}")
+    budget = section.get("token_budget")
     if not isinstance(budget, int) or not 1 <= budget < length:
         raise ValueError(f"{SECTION}.token_budget={budget!r} is invalid; valid: 1 <= token_budget < "
                          f"rollout.response_length={length}")
