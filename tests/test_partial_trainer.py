@@ -9,6 +9,7 @@ reason, checkpointed store records and the prompt groups still in TransferQueue 
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -146,23 +147,8 @@ def test_drop_cap_below_the_budget_minimum_is_rejected_before_ray(assets, tmp_pa
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("persist", [True, False])
-def test_kill_and_resume_continue_parked_sessions(assets, tmp_path, persist):
-    """Run A saves at step 3 and dies at step 5; run B resumes from step 3. With persistence the sessions
-    parked at the checkpoint continue from exactly their stored tokens; without it they restart from zero."""
-    ckpt = [f"trainer.v1.colocate_budget.persist_partial={persist}", "trainer.save_freq=3",
-            "trainer.total_training_steps=6"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    proc_a, _, trace_a, _ = partial_run(assets, a, *ckpt, BAPO_PARTIAL_TEST_KILL_AT_STEP="5")
-    assert proc_a.returncode != 0 and "test-only failure" in proc_a.stdout + proc_a.stderr
-    saved = next(r for r in trace_a if r["kind"] == "checkpoint" and r["step"] == 3)["records"]
-    parked = {k: r for k, r in saved.items() if r["status"] != "finished" and r["token_ids"]}
-    assert parked, "nothing was parked at the checkpoint: the test would prove nothing"
-    assert all(max(s[0] for s in r["segments"]) <= 2 for r in parked.values())
-    proc_b, rows_b, trace_b, _ = partial_run(assets, b, *ckpt, f"trainer.default_local_dir={a / 'ckpt'}",
-                                             "trainer.resume_mode=auto")
-    assert_succeeded(proc_b)
-    assert [r["step"] for r in rows_b] == [4, 5, 6]
+def check_resumed(parked: dict, trace_b: list, persist: bool) -> None:
+    """Sessions parked at the checkpoint and trained after the resume: continued (persist) or regenerated."""
     continued = {s["key"].rsplit("_", 1)[0]: s for _, s in sessions_of(trace_b)}
     resumed = [k for k in parked if k in continued]
     assert resumed, "no parked session was trained after the resume"
@@ -177,9 +163,33 @@ def test_kill_and_resume_continue_parked_sessions(assets, tmp_path, persist):
         else:
             assert min(v for v, _, _ in s["segments"]) >= 3  # regenerated from zero under the resumed weights
             assert not s["restored"]
-    # ledger over both runs: A's groups trained up to the checkpoint, then B
+
+
+def test_kill_and_resume_continue_parked_sessions(assets, tmp_path):
+    """Run A saves at step 3 and dies at step 5; B resumes from step 3: the sessions parked at the checkpoint
+    continue from exactly their stored tokens. Negative control C (a copy of A's checkpoint, persistence
+    off): they restart from zero tokens."""
+    ckpt = ["trainer.save_freq=3", "trainer.total_training_steps=5"]
+    a = tmp_path / "a"
+    proc_a, _, trace_a, _ = partial_run(assets, a, *ckpt, BAPO_PARTIAL_TEST_KILL_AT_STEP="5")
+    assert proc_a.returncode != 0 and "test-only failure" in proc_a.stdout + proc_a.stderr
+    saved = next(r for r in trace_a if r["kind"] == "checkpoint" and r["step"] == 3)["records"]
+    parked = {k: r for k, r in saved.items() if r["status"] != "finished" and r["token_ids"]}
+    assert parked, "nothing was parked at the checkpoint: the test would prove nothing"
+    assert all(max(s[0] for s in r["segments"]) <= 2 for r in parked.values())
+    shutil.copytree(a / "ckpt", tmp_path / "ckpt_copy")
+    runs = {}
+    for name, persist, folder in (("b", True, a / "ckpt"), ("c", False, tmp_path / "ckpt_copy")):
+        proc, rows, trace, _ = partial_run(assets, tmp_path / name, *ckpt, f"trainer.default_local_dir={folder}",
+                                           "trainer.resume_mode=auto",
+                                           f"trainer.v1.colocate_budget.persist_partial={persist}")
+        assert_succeeded(proc)
+        assert [r["step"] for r in rows] == [4, 5]
+        check_resumed(parked, trace, persist)
+        runs[name] = trace
+    # ledger over A (up to its checkpoint) and B: nothing lost, nothing trained twice
     trained_a = {u for r in trace_a if r["kind"] == "trained" and r["step"] <= 3 for u in r["uids"]}
-    trained_b = {u for r in trace_b if r["kind"] == "trained" for u in r["uids"]}
+    trained_b = {u for r in runs["b"] if r["kind"] == "trained" for u in r["uids"]}
     assert not trained_a & trained_b  # nothing trained before the checkpoint is trained again
     up_to_checkpoint = [r for r in trace_a if r["kind"] in ("fetched", "trained", "evicted") and r["step"] <= 3]
-    check_ledger(up_to_checkpoint + trace_b)
+    check_ledger(up_to_checkpoint + runs["b"])

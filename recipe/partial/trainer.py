@@ -10,8 +10,9 @@ end of sampling, resume after the weight update) and adds:
   so re-issued prompts keep it; validation prompts never carry it);
 * ``on_init_end`` / ``on_step_end``: after verl's weight update, ``store.set_version(global_steps)``;
 * ``on_train_begin``: warm-up from ``colocate_budget.num_warmup_batches``;
-* ``_save_checkpoint``: waits until no session is mid-call, writes ``global_step_N/partial_rollout.pt``,
-  then verl's checkpoint (which writes ``latest_checkpointed_iteration.txt`` last);
+* ``_save_checkpoint``: waits (<= 5 s) for calls cut by the abort to report, writes
+  ``global_step_N/partial_rollout.pt`` (the last reported, consistent state of every session), then verl's
+  checkpoint (which writes ``latest_checkpointed_iteration.txt`` last);
 * ``_load_checkpoint``: verl's (restores TransferQueue), then the store records of the groups verl will
   re-issue (``persist_partial``);
 * ``_compute_metrics``: verl's, then ``partial/*`` metrics of the trained trajectories, the store and the
@@ -45,6 +46,7 @@ from .store import STORE_ACTOR_NAME, PartialRolloutStore
 
 logger = logging.getLogger(__name__)
 STORE_FILE = "partial_rollout.pt"
+QUIESCE_S = 5.0  # how long a checkpoint waits for aborted calls to report
 KILL_ENV = "BAPO_PARTIAL_TEST_KILL_AT_STEP"  # tests only: fail at the start of this step
 
 
@@ -119,14 +121,19 @@ class PPOTrainerColocateBudget(PPOTrainerColocateAsync):
     def _save_checkpoint(self):
         folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
         os.makedirs(folder, exist_ok=True)
-        deadline = time.time() + 120
-        while ray.get(self.store.calling_count.remote()) > 0:  # after the abort every call returns at once
-            if time.time() > deadline:
-                raise RuntimeError("partial rollout: sessions still mid-call 120 s after the abort; cannot checkpoint")
+        # Every record is a consistent prefix (reported before each call with all tokens so far), so any
+        # snapshot can be continued. Calls cut by the end-of-sampling abort report within moments: wait a
+        # little for them so the snapshot holds their tokens. Calls sent after the abort are held at the
+        # servers' closed gate and generate nothing until resume: they are saved as parked.
+        deadline = time.time() + QUIESCE_S
+        while (calling := ray.get(self.store.calling_count.remote())) > 0 and time.time() < deadline:
             time.sleep(0.05)
         state = ray.get(self.store.state_dict.remote())
         torch.save(state, os.path.join(folder, STORE_FILE))
-        self.trace(kind="checkpoint", step=self.global_steps, records=state["records"])
+        if calling:
+            logger.info("partial rollout: %d sessions mid-call at the checkpoint (held at the closed gate) are saved "
+                        "with their tokens so far", calling)
+        self.trace(kind="checkpoint", step=self.global_steps, records=state["records"], mid_call=calling)
         super()._save_checkpoint()
 
     def _load_checkpoint(self):
