@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="sweep folder: one sub-folder per run")
     p.add_argument("--jobs", type=int, default=2, help="runs at the same time (laptop)")
     p.add_argument("--save-freq", type=int, default=5, help="checkpoint every N steps, for resuming (default 5)")
+    p.add_argument("--retries", type=int, default=1, help="attempts after a failed one, each resuming from the last checkpoint (default 1)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep a finished run's checkpoints")
     p.add_argument("--dump-rollouts", action="store_true", help="keep verl's generations per step (<run>/rollouts/<step>.jsonl)")
     p.add_argument("--progress-every", type=float, default=20.0, help="seconds between progress lines")
@@ -59,7 +60,7 @@ def grid(args) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag, value, low in (("--jobs", args.jobs, 1), ("--save-freq", args.save_freq, 1), ("--steps", args.steps or 1, 1)):
+    for flag, value, low in (("--jobs", args.jobs, 1), ("--save-freq", args.save_freq, 1), ("--steps", args.steps or 1, 1), ("--retries", args.retries, 0)):
         if value < low:
             parser.error(f"{flag}={value}: must be >= {low}")
     out = Path(args.out).resolve()
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[sweep] {spec.name}: interrupted earlier, resuming (attempt {len(infos[spec]['attempts'])})", flush=True)
     print(f"[sweep] {len(todo)} of {len(specs)} runs to do, {args.jobs} at a time -> {out}", flush=True)
     start = time.perf_counter()
-    failed = run_folders(todo, args.jobs, args.keep_checkpoints, args.progress_every)
+    failed = run_folders(todo, args.jobs, args.keep_checkpoints, args.progress_every, args.retries)
     print(f"[sweep] {len(todo) - len(failed)} runs done, {len(failed)} failed, {time.perf_counter() - start:.0f}s; report: python -m recipe.report {out} --out {out}/report")
     return 1 if failed else 0
 

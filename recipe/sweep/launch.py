@@ -133,14 +133,21 @@ def watch(run_dirs: list[Path], stop: threading.Event, every: float) -> None:
                 print(f"[sweep] {line}", flush=True)
 
 
-def run_folders(run_dirs: list[Path], jobs: int, keep_checkpoints: bool = False, progress_every: float = 20.0) -> list[str]:
-    """Run the next attempt of every folder, `jobs` at a time, with progress lines; returns the failed runs' names."""
+def run_folders(run_dirs: list[Path], jobs: int, keep_checkpoints: bool = False, progress_every: float = 20.0,
+                retries: int = 0) -> list[str]:
+    """Run every folder to its end, `jobs` at a time, with progress lines: the next attempt, and after a failed
+    one up to `retries` more (each resumes from the last checkpoint). Returns the names of runs still failed."""
     failed: list[str] = []
     stop = threading.Event()
     threading.Thread(target=watch, args=(run_dirs, stop, progress_every), daemon=True).start()
 
     def one(run_dir: Path) -> None:
-        info = run_attempt(run_dir, keep_checkpoints)
+        for _ in range(retries + 1):
+            info = run_attempt(run_dir, keep_checkpoints)
+            if info["finished"]:
+                break
+            last = info["attempts"][-1]
+            print(f"[sweep] {info['name']}: attempt {last['attempt']} failed: {last.get('error')}", flush=True)
         last = info["attempts"][-1]
         status = "done" if info["finished"] else f"FAILED: {last.get('error')} (log: {run_dir}/train.attempt{last['attempt']}.log)"
         print(f"[sweep] {info['name']}: {status} in {last['wall_seconds']:.0f}s", flush=True)
