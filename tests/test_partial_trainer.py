@@ -126,10 +126,14 @@ def test_budgeted_rollout_spans_versions_and_keeps_every_group(assets, tmp_path)
 
 
 def test_wait_strategy_forces_groups_at_the_cap(assets, tmp_path):
+    """Also validates at step 2: validation is unbudgeted (a budgeted validation response would park until a
+    version that only comes after validation: the run would hang) and logs verl's val metrics."""
     proc, rows, trace, _ = partial_run(assets, tmp_path, "trainer.total_training_steps=4",
                                        "trainer.v1.sampler.max_off_policy_threshold=2",
-                                       "trainer.v1.sampler.max_off_policy_strategy=wait")
+                                       "trainer.v1.sampler.max_off_policy_strategy=wait",
+                                       "trainer.test_freq=2", "data.val_max_samples=16")
     assert_succeeded(proc)
+    assert [k for k in rows[1]["data"] if k.startswith("val-core/")], sorted(rows[1]["data"])[:20]
     check_budget(trace)
     check_ledger(trace)
     forced = [s for _, s in sessions_of(trace) if s["forced"]]
