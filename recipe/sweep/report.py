@@ -154,12 +154,15 @@ def outcome(groups: dict, sources: list[str]) -> str:
             parts = [f"{label[n]} {compare(values[n], theirs[n]).split(' (')[0]}" for n in names if values[n] and theirs[n]]
             lines.append(f"- staleness {level}{' ' + variant if variant else ''}: {method} vs {other}: " + "; ".join(parts) + ".")
     for (variant, method) in dict.fromkeys((k[0], k[2]) for k in stat):
-        levels = [k for k in stat if (k[0], k[2]) == (variant, method)]
-        if len(levels) < 2:
+        # the method's highest staleness against its lowest, else against the sweep's lowest-staleness cell
+        # (at staleness 1 every method is the same algorithm: r = 1, nothing can be clipped)
+        high = [k for k in stat if (k[0], k[2]) == (variant, method)][-1]
+        low = min((k for k in stat if k[0] == variant), key=lambda k: (parse_staleness(k[1]), k[2] != method))
+        if parse_staleness(low[1]) >= parse_staleness(high[1]):
             continue
-        low, high = levels[0], levels[-1]
         parts = [f"{label[n]} {compare(stat[high][n], stat[low][n]).split(' (')[0]}" for n in names if stat[high][n] and stat[low][n]]
-        lines.append(f"- {method}{' ' + variant if variant else ''}: staleness {high[1]} vs {low[1]}: " + "; ".join(parts) + ".")
+        against = f"{low[2]} at staleness {low[1]}" if low[2] != method else f"staleness {low[1]}"
+        lines.append(f"- {method}{' ' + variant if variant else ''}: staleness {high[1]} vs {against}: " + "; ".join(parts) + ".")
     return "\n".join(lines) + "\n" if lines else "- (one cell only: nothing to compare)\n"
 
 
