@@ -47,6 +47,17 @@ def run_logged(args: list[str], log_path: Path, env: dict[str, str] | None = Non
     return command
 
 
+def project_checks(config: DictConfig) -> None:
+    """The project's driver-side checks, before verl's validate_config and before Ray starts (the dry run
+    makes them too): the CPU backend's (rollout.name=hf without the cpu platform, CPU misconfigurations)
+    and a partial-rollout run's (trainer_mode=colocate_budget)."""
+    from recipe import cpu_backend, partial
+    from verl.trainer.ppo.utils import need_critic
+
+    cpu_backend.check_trainer_config(config, use_critic=need_critic(config))
+    partial.check_trainer_config(config)
+
+
 def run(config: DictConfig) -> None:
     """Validate the config, then run verl's trainer (Ray is started by verl's run_ppo)."""
     export_run_env(config)
@@ -61,8 +72,7 @@ def run(config: DictConfig) -> None:
     from verl.utils.device import auto_set_device
 
     auto_set_device(config)
-    # rollout.name=hf without the cpu platform, and CPU misconfigurations, fail here, before Ray starts
-    cpu_backend.check_trainer_config(config, use_critic=need_critic(config))
+    project_checks(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     if config.trainer.use_v1:
         runner = TaskRunnerV1

@@ -67,11 +67,13 @@ def verl_checks(cfg: DictConfig, model_local: bool) -> list[str]:
 
     HFModelConfig loads the model's config and tokenizer from model.path, so it is built only when the path is
     a local directory; for a hub id the architecture comes from the shipped file (recipe/dry_run/model.py)."""
+    from recipe.bapo.main_bapo import project_checks
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
     use_ref, use_critic = need_reference_policy(cfg), need_critic(cfg)
     with run_environment(cfg):
+        project_checks(cfg)  # main_bapo's own checks (CPU backend, partial rollout), as the run makes them
         validate_config(cfg, use_reference_policy=use_ref, use_critic=use_critic)
     built = ["actor_rollout_ref.actor"]
     # the ones verl's trainer and workers build (trainer_base.py:381,703; engine_workers.py:553,651)
@@ -89,7 +91,7 @@ def verl_checks(cfg: DictConfig, model_local: bool) -> list[str]:
 @contextlib.contextmanager
 def run_environment(cfg: DictConfig):
     """The environment main_bapo exports before validating (ray_kwargs.ray_init.runtime_env.env_vars, e.g.
-    VERL_PLATFORM=cpu for cpu_tiny, which the project's wrapper of validate_config reads), restored after.
+    VERL_PLATFORM=cpu for cpu_tiny, which the CPU backend's checks read), restored after.
     main_bapo's other pre-Ray steps are not repeated: cpu_backend.register() would register the CPU platform
     for the whole process, and auto_set_device only maps trainer.device to the accelerator found."""
     saved = dict(os.environ)

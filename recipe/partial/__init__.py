@@ -43,38 +43,20 @@ def register() -> None:
 
     import ray
 
-    _install_config_check()
     if not (ray.is_initialized() or os.environ.get("VERL_PLATFORM")):
         return
     from . import agent_loop  # noqa: F401  registers the agent loop by name
     from . import trainer  # noqa: F401  registers the trainer mode by name
 
 
-_installed = False
+def check_trainer_config(config) -> None:
+    """Start-up check of a ``colocate_budget`` run (``config.parse``); a no-op for every other run.
 
-
-def _install_config_check() -> None:
-    """Wrap ``verl.utils.config.validate_config`` (driver-side, before Ray) to check ``colocate_budget`` runs.
-
-    Acts only when ``trainer.v1.trainer_mode=colocate_budget``; every other run is checked by verl alone.
+    ``recipe.bapo.main_bapo`` and the dry run call it before Ray starts; the trainer mode parses the config
+    again on construction (verl's own ``main_ppo``), before any worker starts. Nothing of verl is wrapped.
     """
-    global _installed
-    if _installed:
-        return
-    import functools
+    v1 = config.trainer.get("v1") if config.trainer.get("use_v1", False) else None
+    if v1 is not None and v1.get("trainer_mode") == "colocate_budget":
+        from .config import parse
 
-    import verl.utils.config as config_utils
-
-    original = config_utils.validate_config
-
-    @functools.wraps(original)
-    def validate_config(config, use_reference_policy: bool, use_critic: bool):
-        v1 = config.trainer.get("v1") if config.trainer.get("use_v1", False) else None
-        if v1 is not None and v1.get("trainer_mode") == "colocate_budget":
-            from .config import parse
-
-            parse(config)
-        return original(config=config, use_reference_policy=use_reference_policy, use_critic=use_critic)
-
-    config_utils.validate_config = validate_config
-    _installed = True
+        parse(config)
