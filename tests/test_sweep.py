@@ -87,7 +87,9 @@ def test_sweep_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path):
     proc = subprocess.Popen(sweep(out, "--seeds", "0", "1", "--steps", "3"), cwd=ROOT, env=env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.time() + 600
-    while not (tracker.exists() and tracker.read_text().strip() == "1"):  # killed right after its step-1 checkpoint
+    logged = first / "metrics.attempt0.jsonl"
+    # killed right after its step-1 checkpoint and the step-1 row (verl saves the checkpoint before it logs the step)
+    while not (tracker.exists() and tracker.read_text().strip() == "1" and logged.exists() and logged.read_text().count("\n") >= 1):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)

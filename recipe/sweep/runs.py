@@ -13,6 +13,8 @@ resumed from checkpoint step c (verl's `latest_checkpointed_iteration.txt` when 
 scratch) replaces every row of earlier attempts with step > c; rows at step c (a resumed run validates
 before training at step c) are merged key by key, the later attempt winning. A killed attempt's last
 line may be cut short: an unparsable last line is dropped, an unparsable line elsewhere is an error.
+verl saves a step's checkpoint before it logs that step's metrics: a run killed in between resumes after
+the step and its row is lost (that step is then missing from metrics.jsonl).
 
 Runs launched by the paper-run scripts (`python -m recipe.sweep --cluster --script ...`) write
 `<run>/<script's run name>/metrics-<UTC time>.jsonl`, one per attempt, with no record of c: the files are
