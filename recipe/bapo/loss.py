@@ -22,6 +22,7 @@ from .config import BAPO_LOSS_MODE, BAPOPolicyLossConfig
 
 logger = logging.getLogger(__name__)
 LOG_RATIO_CLAMP = 20.0  # as verl's vanilla loss: ratio in [e^-20, e^20]
+RHO_LOG_CAP = 1e6  # rho_definition="ratio" is inf when N = 0; metrics must stay finite (JSON, wandb, means)
 _warned_missing_update_bounds = False
 
 
@@ -163,8 +164,8 @@ def compute_policy_loss_bapo(
         {
             f"{bounds_prefix}c_low": bounds.c_low,
             f"{bounds_prefix}c_high": bounds.c_high,
-            "actor/bapo/rho": bounds.rho,
-            "actor/bapo/rho_start": bounds.rho_start,
+            "actor/bapo/rho": min(bounds.rho, RHO_LOG_CAP),
+            "actor/bapo/rho_start": min(bounds.rho_start, RHO_LOG_CAP),
             "actor/bapo/search_steps": float(bounds.steps),
             "actor/bapo/target_met": float(bounds.target_met),
             "actor/bapo/bounds_from_update": float(from_update),
