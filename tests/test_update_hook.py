@@ -205,6 +205,33 @@ def test_every_micro_batch_of_a_step_uses_the_bounds_of_the_whole_mini_batch():
     assert worker._bapo.update_state.bounds is None  # cleared after every step
 
 
+def test_the_probe_leaves_out_per_sample_bookkeeping_only():
+    """The probe's batch drops per-sample non-tensor entries no engine forward reads (reward and rollout
+    bookkeeping), keeps multi-modal inputs, every tensor and every batch-level flag; `data` is untouched;
+    and a step with those entries searches the same bounds as without them."""
+    from tensordict import NonTensorStack
+
+    bookkeeping = {"extra_info": [{"index": i} for i in range(8)], "uid": [f"u{i}" for i in range(8)]}
+    images = [{"pixel_values": None}] * 8
+    data = rl_batch()
+    for key, values in {**bookkeeping, "multi_modal_inputs": images}.items():
+        data[key] = NonTensorStack.from_list(values)
+    tu.assign_non_tensor(data, temperature=0.7)
+    worker = make_worker(BAPOPolicyLossConfig(), FakeEngine())
+    probe = worker.probe_batch(data)
+    assert set(data.keys()) - set(probe.keys()) == set(bookkeeping)
+    assert "multi_modal_inputs" in probe.keys() and tu.get(probe, "temperature") == 0.7
+    assert {"extra_info", "uid"} <= set(data.keys())
+
+    bounds = []
+    for batch in (data, rl_batch()):
+        engine = FakeEngine()
+        worker = make_worker(BAPOPolicyLossConfig(), engine)
+        run_step(worker, batch)
+        bounds.append([update_bounds(m) for m in engine.steps])
+    assert bounds[0] == bounds[1]
+
+
 def test_bypass_mode_first_update_runs_the_forward():
     """Old log-probs from the rollout policy (not recomputed by the actor): the ratio is not 1."""
     engine = FakeEngine()

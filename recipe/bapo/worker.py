@@ -6,7 +6,8 @@ once per update over that update's whole batch, so before the gradient pass `BAP
 1. computes the current policy's log-probs of the whole mini-batch of the step: one no-grad forward
    through the engine, micro-batched exactly like the gradient pass (same micro-batch keys, so the
    same partition and GEMM shapes: the ratios equal the loss's bit for bit on a deterministic
-   engine) -- or skips that forward when r = 1 provably (`_log_probs_are_current`);
+   engine; the batch's per-sample non-tensor entries that no verl 0.9.1 engine forward reads are left
+   out, `PROBE_PER_SAMPLE_KEYS` kept) -- or skips that forward when r = 1 provably (`_log_probs_are_current`);
 2. sums the search statistics over them and over the data-parallel group (one all-reduce);
 3. stores the chosen bounds where the "bapo" loss reads them (`BAPOPolicyLossConfig.update_state`),
    so every micro-batch of the step uses the same bounds; they are cleared after the step.
@@ -32,7 +33,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from tensordict import TensorDict
+from tensordict import NonTensorStack, TensorDict
 
 from bapo_core import ClipSearchResult, path_contributions, reduce_and_select
 from verl.utils import tensordict_utils as tu
@@ -44,6 +45,9 @@ from .config import BAPOPolicyLossConfig
 from .loss import log_ratio_of, rho_weights
 
 logger = logging.getLogger(__name__)
+
+# Per-sample non-tensor entries a verl 0.9.1 engine forward reads (FSDP and Megatron: multi-modal inputs).
+PROBE_PER_SAMPLE_KEYS = ("multi_modal_inputs",)
 
 
 def actor_config_of_loss_fn(loss_fn):
@@ -227,8 +231,12 @@ class BAPOTrainingWorker(TrainingWorker):
         return bounds
 
     def probe_batch(self, data: TensorDict) -> TensorDict:
-        """A shallow copy of `data` with exactly the micro-batch keys verl's train_batch gives the gradient pass."""
-        probe = data.copy()  # shallow: the forward's bookkeeping keys must not leak into the training pass
+        """`data` for the probe forward: a shallow copy with exactly the micro-batch keys verl's train_batch
+        gives the gradient pass, without the per-sample non-tensor entries no engine forward reads (reward
+        and rollout bookkeeping such as data_source, extra_info, raw_prompt: on a small model, splitting and
+        moving them per micro-batch costs more than the forward itself)."""
+        unread = [k for k in data.keys() if isinstance(data.get(k), NonTensorStack) and k not in PROBE_PER_SAMPLE_KEYS]
+        probe = data.exclude(*unread)  # a new TensorDict: the forward's bookkeeping keys stay out of `data`
         engine_config = self.engine_config
         train_keys = dict(  # TrainingWorker.train_batch's defaults, for keys the caller did not set
             use_remove_padding=self.model_config.get("use_remove_padding", False),
