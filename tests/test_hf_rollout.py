@@ -15,8 +15,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from recipe.cpu_backend.engine import HFGenerationEngine
-from recipe.cpu_backend.sampling import SamplingSpec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recipe.cpu_backend.engine import PREFILL_MAX_PAD_SHARE, HFGenerationEngine, prefill_groups
+from recipe.cpu_backend.sampling import SamplingSpec, sample_rows
 from recipe.cpu_backend.testing import TinyModelSpec, build_tiny_model
 
 PROMPT_LENGTHS = (3, 9, 17, 26, 5, 12, 1, 30)
@@ -113,6 +116,34 @@ def test_concurrent_greedy_requests_are_batched_and_match_hf_generate(server, hf
     stats = server.stats()
     assert stats["decode_rows"] / stats["steps"] > 4  # rows really shared decode steps
     assert stats["steps"] < 2 * 32  # 8 x 32 tokens in far fewer than 8 x 32 steps
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 400), min_size=1, max_size=40))
+def test_prefill_groups_partition_and_bound_the_padding(lengths):
+    groups = prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        width, real = max(lengths[i] for i in group), sum(lengths[i] for i in group)
+        assert width * len(group) - real <= PREFILL_MAX_PAD_SHARE * width * len(group) + 1e-9
+    # one batch when it already meets the bound (no needless extra forwards)
+    width = max(lengths)
+    if width * len(lengths) * (1 - PREFILL_MAX_PAD_SHARE) <= sum(lengths):
+        assert len(groups) == 1
+
+
+def test_prompts_of_very_different_lengths_are_prefilled_apart(server, hf_model):
+    """A 4-token and a 60-token prompt admitted together: 64 prefill columns, not 2 x 60; outputs unchanged."""
+    gen = torch.Generator().manual_seed(3)
+    short, long = (torch.randint(0, 256, (n,), generator=gen).tolist() for n in (4, 60))
+
+    async def run():
+        return await asyncio.gather(*(server.generate(p, dict(GREEDY, max_tokens=8), f"p{i}") for i, p in enumerate((short, long))))
+
+    outputs = asyncio.run(run())
+    assert server.stats()["prefill_tokens"] == 64
+    for prompt, out in zip((short, long), outputs):
+        assert out.token_ids == hf_greedy(hf_model, prompt, 8)
 
 
 def test_greedy_logprobs_are_log_softmax_of_logits(server, hf_model, prompts):
@@ -245,6 +276,23 @@ def test_raw_logprobs_mode_ignores_temperature(model_dir, hf_model, prompts, mon
     expected = torch.log_softmax(forward_logits(hf_model, prompts[0], out.token_ids), -1)
     expected = expected.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(out.log_probs), expected, atol=1e-5, rtol=0)
+
+
+def test_inverse_cdf_sampling_follows_each_rows_distribution():
+    """sample_rows: frequencies within 5 sigma of the probabilities, zero-probability tokens never drawn,
+    a one-hot row always gives its token, and a row's draw depends only on its own generator."""
+    dists = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0], [0.1, 0.1, 0.0, 0.0, 0.4, 0.4]])
+    n = 20000
+    generator = torch.Generator().manual_seed(0)
+    draws = sample_rows(dists.repeat_interleave(n, 0), [generator] * (3 * n)).view(3, n)
+    for row, probs in enumerate(dists):
+        freq = torch.bincount(draws[row], minlength=6).double() / n
+        sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
+        assert ((freq - probs.double()).abs() <= 5 * sigma + 1e-12).all(), (row, freq, probs)
+        assert (freq[probs == 0] == 0).all()
+    alone = sample_rows(dists[:1], [torch.Generator().manual_seed(7)])
+    crowd = sample_rows(dists, [torch.Generator().manual_seed(s) for s in (7, 8, 9)])
+    assert alone[0] == crowd[0]
 
 
 def test_top_p_keeps_the_smallest_most_likely_set_reaching_p():

@@ -1,9 +1,9 @@
 """Continuous-batching generation engine over a HF causal LM (no Ray; the Ray actor wraps it).
 
 Scheduling: ``generate()`` puts a request on a queue and awaits its future. One background asyncio task
-runs *steps* in a worker thread; each step (1) prefills the queued requests in one right-padded batch and
-picks their first token, then (2) runs one decode step over every active row (see ``kv_batch``). Finished
-rows leave the batch at once and new ones join at the next step, so concurrent requests share forwards.
+runs *steps* in a worker thread; each step (1) prefills the queued requests in right-padded batches of
+similar lengths (``prefill_groups``) and picks their first token, then (2) runs one decode step over
+every active row (see ``kv_batch``). Finished rows leave the batch at once and new ones join at the next step, so concurrent requests share forwards.
 
 Everything that touches the active set happens while ``_guard`` (an asyncio lock) is held: the step
 loop, aborts and weight updates, so an abort or update never races with a running forward.
@@ -39,6 +39,28 @@ logger = logging.getLogger(__name__)
 COMPLETED, LENGTH, ABORTED = "completed", "length", "aborted"
 
 
+# A prefill batch is right-padded to its longest prompt; pad columns cost a forward each, as real ones do.
+# Continuations (prompt + tokens so far, partial rollout) have very different lengths, so admitted
+# requests are prefilled in length-sorted groups whose pad columns are at most this share of the group.
+PREFILL_MAX_PAD_SHARE = 0.25
+
+
+def prefill_groups(lengths: list[int], max_pad_share: float = PREFILL_MAX_PAD_SHARE) -> list[list[int]]:
+    """Split prompt indices into prefill batches whose padding (width x rows minus real tokens) is at most
+    ``max_pad_share`` of width x rows. Longest first, so a set that meets the bound stays one batch (every
+    prefix of a descending list has an average length >= the whole list's). Every index appears once."""
+    groups: list[list[int]] = []
+    width = real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and real + lengths[i] >= (1 - max_pad_share) * width * (len(groups[-1]) + 1):
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            width = real = lengths[i]
+    return groups
+
+
 @dataclass
 class GenerationResult:
     """Output of one call: generated ids, their log-probs (None unless requested) and why it stopped."""
@@ -66,6 +88,7 @@ class EngineStats:
     requests: int = 0
     steps: int = 0
     decode_rows: int = 0  # sum of batch sizes over decode steps (mean batch = decode_rows / steps)
+    prefill_tokens: int = 0  # token columns computed by prefill forwards, pad columns included
     aborted: int = 0
     weight_updates: int = 0
 
@@ -287,17 +310,19 @@ class HFGenerationEngine:
         """One scheduling step (worker thread): prefill ``admit``, then decode all active rows once."""
         finished = []
         with torch.inference_mode():
-            if admit:
-                cache, mask, logits = prefill(self.model, [r.prompt_ids for r in admit], self.pad_id)
-                self._advance(admit, logits)
-                keep = [i for i, r in enumerate(admit) if r.stop_reason is None]
-                finished += [r for r in admit if r.stop_reason is not None]
+            for group in prefill_groups([len(r.prompt_ids) for r in admit]):
+                rows = [admit[i] for i in group]
+                cache, mask, logits = prefill(self.model, [r.prompt_ids for r in rows], self.pad_id)
+                self.stats.prefill_tokens += mask.numel()
+                self._advance(rows, logits)
+                keep = [i for i, r in enumerate(rows) if r.stop_reason is None]
+                finished += [r for r in rows if r.stop_reason is not None]
                 if keep:
                     new_kv = BatchKV()
                     new_kv.add(cache, mask)
                     new_kv.keep(keep)
                     self._kv.add(new_kv.cache, new_kv.mask)
-                    self._active += [admit[i] for i in keep]
+                    self._active += [rows[i] for i in keep]
             if self._active:
                 logits = decode_step(self.model, self._kv, [r.token_ids[-1] for r in self._active])
                 self.stats.steps += 1

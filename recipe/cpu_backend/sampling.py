@@ -157,6 +157,17 @@ def filter_logits(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tens
     return out
 
 
+def sample_rows(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``probs`` ([B, V], rows summing to ~1) by inverse-CDF sampling: each row draws one
+    uniform from its own generator (so its token does not depend on the batch company), all rows are looked
+    up at once. A zero-probability token is never chosen (its CDF step is empty). Returns ``[B]`` long."""
+    uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    index = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
+    last_positive = probs.shape[-1] - 1 - torch.argmax((probs.flip(-1) > 0).long(), dim=-1)
+    return torch.minimum(index, last_positive)  # u * total rounding up to the total
+
+
 def choose_tokens(
     logits: torch.Tensor, specs: list[SamplingSpec], generators: list[Optional[torch.Generator]], logprobs_mode: str
 ) -> tuple[list[int], list[float]]:
@@ -175,13 +186,12 @@ def choose_tokens(
         raise ValueError(f"hf rollout: rollout.logprobs_mode={logprobs_mode!r} not supported; use one of {LOGPROBS_MODES}")
     processed = filter_logits(logits, specs)
     logp = torch.log_softmax(processed, dim=-1)
-    tokens = []
-    for row, spec in enumerate(specs):
-        if spec.greedy:
-            tokens.append(int(torch.argmax(logits[row])))
-        else:
-            tokens.append(int(torch.multinomial(logp[row].exp(), 1, generator=generators[row])))
-    index = torch.tensor(tokens)[:, None]
+    index = torch.argmax(logits, dim=-1)  # greedy rows
+    sampled = [row for row, spec in enumerate(specs) if not spec.greedy]
+    if sampled:
+        index[sampled] = sample_rows(logp[sampled].exp(), [generators[row] for row in sampled])
+    tokens = index.tolist()
+    index = index[:, None]
     if logprobs_mode == "raw_logprobs":
         chosen = torch.log_softmax(logits, dim=-1).gather(-1, index)
     else:
