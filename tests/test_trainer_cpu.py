@@ -121,50 +121,51 @@ def check_metrics(rows, steps, rollout_probs_checked: bool = True):
             assert data["training/rollout_probs_diff_max"] < 1e-5  # the hf rollout has the actor's weights
 
 
-def test_v0_trainer_bapo_with_staleness_and_checkpoint(assets, tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "v0"
-    proc, rows, records, _ = run_bapo(out, cpu_tiny(assets, out, "trainer.total_training_steps=2", "trainer.save_freq=2"))
+def test_two_ranks_with_staleness_pick_identical_bounds_and_checkpoint(assets, tmp_path_factory):
+    """v0 trainer, 2 ranks: 2 steps x 8 optimizer updates (staleness 8), every update's bounds equal on both
+    ranks and to a search over the union of their loss ratios; the r = 1 shortcut only on each step's first
+    update (both ranks agree); a checkpoint at step 2."""
+    out = tmp_path_factory.getbasetemp() / "two_ranks"
+    overrides = cpu_tiny(assets, out, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=2", "trainer.save_freq=2")
+    proc, rows, records, _ = run_bapo(out, overrides)
     assert_succeeded(proc)
     check_metrics(rows, [1, 2])
-    updates = check_updates(records, out / "trace")
-    assert len(updates) == 2 * 8  # 2 steps x 8 optimizer updates (staleness 8)
-    assert [u["ratio_assumed_one"] for u in updates[:8]] == [True] + [False] * 7
+    updates = check_updates(records, out / "trace", world_size=2)
+    assert len({u["update"] for u in updates}) == len(updates) // 2 == 2 * 8  # 2 steps x 8 updates, on both ranks
+    for rank in ("rank0", "rank1"):
+        mine = sorted((u for u in updates if u["file"].startswith(rank)), key=lambda u: u["update"])
+        assert [u["ratio_assumed_one"] for u in mine] == ([True] + [False] * 7) * 2, rank
     assert (out / "ckpt" / "global_step_2").is_dir()
+    # the two ranks trained on different data
+    first = [r for r in records if r["kind"] == "loss" and r["update"] == 1]
+    a, b = (torch.load(out / "trace" / r["tensors"])["ratio"] for r in first[:2])
+    assert a.shape != b.shape or not torch.equal(a, b)
 
 
 def test_v0_trainer_resumes_from_the_checkpoint(assets, tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "v0"  # same checkpoint folder as the run above
-    assert (out / "ckpt" / "global_step_2").is_dir(), "needs test_v0_trainer_bapo_with_staleness_and_checkpoint"
-    resumed = tmp_path_factory.getbasetemp() / "v0_resumed"
-    proc, rows, _, _ = run_bapo(resumed, cpu_tiny(assets, out, "trainer.total_training_steps=3", "trainer.resume_mode=auto"), trace=False)
+    out = tmp_path_factory.getbasetemp() / "two_ranks"  # same checkpoint folder as the run above
+    assert (out / "ckpt" / "global_step_2").is_dir(), "needs test_two_ranks_with_staleness_pick_identical_bounds_and_checkpoint"
+    resumed = tmp_path_factory.getbasetemp() / "two_ranks_resumed"
+    overrides = cpu_tiny(assets, out, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=3", "trainer.resume_mode=auto")
+    proc, rows, _, _ = run_bapo(resumed, overrides, trace=False)
     assert_succeeded(proc)
     assert [r["step"] for r in rows] == [3]  # continued at the next step, not from scratch
     assert "global_step_2" in proc.stdout + proc.stderr
 
 
-def test_v1_trainer_bapo_in_bypass_mode(assets, tmp_path_factory):
-    """v1 trainer with rollout correction in bypass mode: old_log_probs are the rollout's, never recomputed,
-    so the ratio is never 1 by construction and every update runs the hook's forward."""
+def test_v1_colocate_async_bapo_in_bypass_mode(assets, tmp_path_factory):
+    """v1 trainer in verl's colocate_async mode (partial rollout by abort/resume, no token budget) with rollout
+    correction in bypass mode: old_log_probs are the rollout's, never recomputed, so the ratio is never 1 by
+    construction and every update runs the hook's forward."""
     out = tmp_path_factory.getbasetemp() / "v1_bypass"
-    overrides = cpu_tiny(assets, out, "trainer.use_v1=True", "trainer.total_training_steps=2",
-                         "algorithm.rollout_correction.bypass_mode=True", "actor_rollout_ref.rollout.calculate_log_probs=True")
+    overrides = cpu_tiny(assets, out, "trainer.use_v1=True", "trainer.v1.trainer_mode=colocate_async",
+                         "trainer.total_training_steps=2", "algorithm.rollout_correction.bypass_mode=True",
+                         "actor_rollout_ref.rollout.calculate_log_probs=True")
     proc, rows, records, _ = run_bapo(out, overrides)
     assert_succeeded(proc)
     check_metrics(rows, [1, 2], rollout_probs_checked=False)
     updates = check_updates(records, out / "trace")
     assert len(updates) == 2 * 8 and not any(u["ratio_assumed_one"] for u in updates)
-
-
-def test_two_ranks_pick_identical_bounds_at_every_update(assets, tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "two_ranks"
-    proc, rows, records, _ = run_bapo(out, cpu_tiny(assets, out, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=2"))
-    assert_succeeded(proc)
-    check_metrics(rows, [1, 2])
-    check_updates(records, out / "trace", world_size=2)
-    # the two ranks trained on different data
-    first = [r for r in records if r["kind"] == "loss" and r["update"] == 1]
-    a, b = (torch.load(out / "trace" / r["tensors"])["ratio"] for r in first[:2])
-    assert a.shape != b.shape or not torch.equal(a, b)
 
 
 def test_hf_rollout_without_cpu_platform_fails_before_ray(assets, tmp_path):
@@ -177,9 +178,9 @@ def test_hf_rollout_without_cpu_platform_fails_before_ray(assets, tmp_path):
 
 
 def test_authors_code_preset_with_two_ranks(assets, tmp_path_factory):
-    """scope: micro_batch through the real trainer: every micro-batch searches its own bounds over both ranks."""
+    """scope: micro_batch through the real v1 trainer (sync mode): every micro-batch searches its own bounds over both ranks."""
     out = tmp_path_factory.getbasetemp() / "authors_two_ranks"
-    overrides = cpu_tiny(assets, out, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=1",
+    overrides = cpu_tiny(assets, out, "trainer.use_v1=True", "trainer.n_gpus_per_node=2", "trainer.total_training_steps=1",
                          "policy_loss@actor_rollout_ref.actor.policy_loss=bapo_authors_code")
     proc, rows, records, _ = run_bapo(out, overrides)
     assert_succeeded(proc)
