@@ -1,6 +1,6 @@
 """`python -m recipe.sweep`: the grid's overrides and errors, and (marked trainer) a tiny grid through the
 real CPU trainer: an interrupted run resumes from its checkpoint with every step once in its merged
-metrics, a finished run is skipped, two seeds train on different data; a seed's data order repeats (verl's sampler)."""
+metrics, a finished run is skipped; seeds fix verl's data order (checked on verl's own sampler)."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_sweep_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path):
     out = tmp_path / "sweep"
     first = out / "grpo-s2-seed0"
     tracker = first / "checkpoints" / "latest_checkpointed_iteration.txt"
-    proc = subprocess.Popen(sweep(out, "--seeds", "0", "1", "--steps", "3"), cwd=ROOT, env=env(), start_new_session=True,
+    proc = subprocess.Popen(sweep(out, "--seeds", "0", "--steps", "3"), cwd=ROOT, env=env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.time() + 600
     logged = first / "metrics.attempt0.jsonl"
@@ -110,10 +110,10 @@ def test_sweep_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path):
     info = json.loads((first / "run.json").read_text())
     assert not info["finished"] and len(info["attempts"]) == 1
 
-    again = subprocess.run(sweep(out, "--seeds", "0", "1", "--steps", "3"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    again = subprocess.run(sweep(out, "--seeds", "0", "--steps", "3"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "grpo-s2-seed0: interrupted earlier, resuming" in again.stdout
-    assert "grpo-s2-seed1: step" in again.stdout  # progress lines
+    assert "grpo-s2-seed0: step " in again.stdout  # progress lines
     info = json.loads((first / "run.json").read_text())
     assert info["finished"] and [a["resumed_from"] for a in info["attempts"]] == [0, 1]
     merged = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
@@ -122,12 +122,11 @@ def test_sweep_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path):
     assert resumed[0] == 2  # the second attempt continued from the checkpoint instead of starting over
     assert not (first / "checkpoints").exists()  # removed once finished
 
-    third = subprocess.run(sweep(out, "--seeds", "0", "1", "--steps", "3"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0 and third.stdout.count("finished earlier, skipped") == 2, third.stdout + third.stderr
+    third = subprocess.run(sweep(out, "--seeds", "0", "--steps", "3"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and third.stdout.count("finished earlier, skipped") == 1, third.stdout + third.stderr
     assert len(json.loads((first / "run.json").read_text())["attempts"]) == 2
 
-    # seeds 0 and 1 train on different prompts (that a seed repeats its order: test_a_seed_fixes_verls_data_order)
-    assert prompts(out / "grpo-s2-seed1", 1) != prompts(first, 1)
+    assert len(prompts(first, 1)) == 4 * 4  # --dump-rollouts: step 1's 4 prompts x 4 responses
 
 
 def test_cluster_mode_calls_the_paper_run_script_with_the_grid(tmp_path, capsys):
