@@ -3,7 +3,8 @@
 Scheduling: ``generate()`` puts a request on a queue and awaits its future. One background asyncio task
 runs *steps* in a worker thread; each step (1) prefills the queued requests in right-padded batches of
 similar lengths (``prefill_groups``) and picks their first token, then (2) runs one decode step over
-every active row (see ``kv_batch``). Finished rows leave the batch at once and new ones join at the next step, so concurrent requests share forwards.
+every active row (see ``kv_batch``). Finished rows leave the batch at once and new ones join at the
+next step, so concurrent requests share forwards.
 
 Everything that touches the active set happens while ``_guard`` (an asyncio lock) is held: the step
 loop, aborts and weight updates, so an abort or update never races with a running forward.
