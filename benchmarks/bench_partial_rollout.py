@@ -192,8 +192,8 @@ async def run_budget(server, work: Workload, steps: int, groups: int, budget: in
         await server.resume_generation()
         clock.notify()
     for task in inflight.values():
+        task.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" log
         task.cancel()
-    await asyncio.gather(*inflight.values(), return_exceptions=True)  # retrieve the cancellations
     counters = {k: v - base.get(k, 0) for k, v in store.counters.items()}
     return {"rollout_s": rollout_s, "trained": trained, "reprefill": counters["reprefill_tokens"],
             "generated": counters["tokens_generated"], "calls": counters["calls"], **engine_stats(server)}
@@ -212,13 +212,14 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=TinyModelSpec.num_hidden_layers)
     args = parser.parse_args(argv)
     import torch
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
     spec = TinyModelSpec(initializer_range=0.2, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=max(4, args.hidden // 64),
                          num_key_value_heads=max(2, args.hidden // 128))
     model_dir = build_tiny_model(tempfile.mkdtemp(prefix="bench_partial_"), spec)
-    params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
     print(f"model: random Qwen2, hidden {args.hidden}, {args.layers} layers, {params / 1e6:.2f}M parameters, fp32")
     probe = Workload(args.steps * args.groups * 4, args.n)
     lengths = sorted(length for _, ls in probe.groups for length in ls)
