@@ -77,7 +77,7 @@ class Workload:
 
 
 async def run_no_budget(server, work: Workload, steps: int, groups: int) -> dict:
-    rollout_s, trained, counter = 0.0, 0, 0
+    rollout_s, trained, trained_tokens, counter = 0.0, 0, 0, 0
     for _ in range(steps):
         batch = [work.take() for _ in range(groups)]
         start = time.perf_counter()
@@ -86,10 +86,11 @@ async def run_no_budget(server, work: Workload, steps: int, groups: int) -> dict
             for length in lengths:
                 counter += 1
                 calls.append(server.generate(prompt, dict(PARAMS, max_tokens=length), f"full{counter}"))
-        await asyncio.gather(*calls)
+        outputs = await asyncio.gather(*calls)
         rollout_s += time.perf_counter() - start
         trained += len(calls)
-    return {"rollout_s": rollout_s, "trained": trained, **engine_stats(server)}
+        trained_tokens += sum(len(o.token_ids) for o in outputs)
+    return {"rollout_s": rollout_s, "trained": trained, "trained_tokens": trained_tokens, **engine_stats(server)}
 
 
 FORWARD_S = {"prefill": 0.0, "decode": 0.0}
@@ -123,13 +124,16 @@ def engine_stats(server) -> dict:
 
 
 async def run_budget(server, work: Workload, steps: int, groups: int, budget: int, warmup_steps: int = 0,
-                     poll_s: float = 0.005) -> dict:
-    """``warmup_steps`` first steps fill the in-flight pool (steady state) and are not counted."""
+                     poll_s: float = 0.005, inflight_factor: float = 1.0, at_cap: str = "force",
+                     threshold: int | None = None) -> dict:
+    """``warmup_steps`` first steps fill the in-flight pool (steady state) and are not counted. The in-flight cap
+    is ``inflight_factor`` x the trainer's default ``max_inflight_groups`` (groups x (1 + ceil(L / B)))."""
     store = PartialRolloutStore()
-    clock = LocalClock(store, poll_interval_s=1.0)  # woken by notify() below
+    store.configure_cap(threshold, "wait")
+    clock = LocalClock(store, poll_interval_s=0.05)  # woken by notify() below
     await server.set_global_steps(0)  # version stamps of this run start at the store's clock
     max_len = max(max(lengths) for _, lengths in work.groups)
-    cap = groups * (1 + -(-max_len // budget))
+    cap = int(inflight_factor * groups * (1 + -(-max_len // budget)))
     inflight: dict[str, asyncio.Task] = {}  # uid -> task gathering its n sessions
     finished: list[str] = []
 
@@ -139,7 +143,7 @@ async def run_budget(server, work: Workload, steps: int, groups: int, budget: in
     def dispatch():
         prompt, lengths = work.take()
         uid = f"g{work.next}"
-        sessions = [SegmentedGenerate(call, clock, BudgetPolicy(budget, length), uid, i, frozenset())
+        sessions = [SegmentedGenerate(call, clock, BudgetPolicy(budget, length, threshold, "wait"), uid, i, frozenset())
                     for i, length in enumerate(lengths)]
         inflight[uid] = asyncio.ensure_future(
             asyncio.gather(*[s.generate(f"{uid}-{i}", prompt_ids=prompt, sampling_params=PARAMS) for i, s in enumerate(sessions)]))
@@ -150,11 +154,13 @@ async def run_budget(server, work: Workload, steps: int, groups: int, budget: in
         return all(len(states.get(u, {})) == len(work.groups[0][1]) and "calling" not in states[u].values() for u in live)
 
     rollout_s, trained, base = 0.0, 0, {}
+    trained_tokens, spans, gen_spans, stale_token_steps = 0, [], [], 0
     for _ in range(2 * groups):  # warm-up batch + the first step's batch, as colocate_budget dispatches
         dispatch()
     for step in range(warmup_steps + steps):
         if step == warmup_steps:  # measure from here
             rollout_s, trained, base = 0.0, 0, dict(store.counters)
+            trained_tokens, spans, gen_spans, stale_token_steps = 0, [], [], 0
             engine_stats(server)
         if step:
             for _ in range(groups):
@@ -163,8 +169,8 @@ async def run_budget(server, work: Workload, steps: int, groups: int, budget: in
         stuck = 0
         while True:
             finished += [u for u, t in list(inflight.items()) if t.done() and u not in finished]
-            if len(finished) >= groups:
-                break
+            if len(finished) >= groups and not any(u in store.forced and not inflight[u].done() for u in inflight):
+                break  # as the sampler: a full batch, and (wait) no group forced by the cap still running
             if time.perf_counter() - start > 120:
                 states = Counter(v for d in store.session_states().values() for v in d.values())
                 raise RuntimeError(f"budget mode stalled at step {step}: {len(finished)} finished, "
@@ -176,15 +182,27 @@ async def run_budget(server, work: Workload, steps: int, groups: int, budget: in
                 if len(live) < cap:  # refill the deficit under the in-flight cap (as the sampler does)
                     for _ in range(min(cap - len(live), groups - len(finished))):
                         dispatch()
-                else:
+                elif at_cap == "lift":  # lift this version's budget for every trajectory
+                    store.lift()
+                    clock.notify()
+                else:  # force the oldest groups to finish under this version
                     oldest = store.running_min_versions()
                     store.force(sorted(live, key=lambda u: oldest.get(u, 1 << 62))[: groups - len(finished)])
                     clock.notify()
             await asyncio.sleep(poll_s)
         await server.abort_all_requests()  # end of sampling: in-flight calls park
         rollout_s += time.perf_counter() - start
+        oldest = store.running_min_versions()  # the sampler trains finished groups oldest segment first
+        finished.sort(key=lambda u: (oldest.get(u, 1 << 62), int(u[1:])))
         for uid in finished[:groups]:
-            trained += len((await inflight.pop(uid)))
+            versions = [s[0] for r in store.group_records([uid]).values() for s in r["segments"]]
+            gen_spans.append(max(versions) - min(versions) + 1)
+            for output in await inflight.pop(uid):  # trained under policy version `step`
+                segments = output.extra_fields["partial_segments"]
+                trained += 1
+                trained_tokens += len(output.token_ids)
+                spans.append(step - min(v for v, _, _ in segments) + 1)
+                stale_token_steps += sum(n * (step - v) for v, n, _ in segments)
         store.forget(finished[:groups])
         finished = finished[groups:]
         store.set_version(step + 1)  # the weight update (unchanged weights)
@@ -196,7 +214,10 @@ async def run_budget(server, work: Workload, steps: int, groups: int, budget: in
         task.cancel()
     counters = {k: v - base.get(k, 0) for k, v in store.counters.items()}
     return {"rollout_s": rollout_s, "trained": trained, "reprefill": counters["reprefill_tokens"],
-            "generated": counters["tokens_generated"], "calls": counters["calls"], **engine_stats(server)}
+            "generated": counters["tokens_generated"], "calls": counters["calls"], "trained_tokens": trained_tokens,
+            "inflight_cap": cap, "mean_span": statistics.mean(spans), "max_span": max(spans),
+            "max_gen_span": max(gen_spans),
+            "token_staleness": stale_token_steps / trained_tokens, **engine_stats(server)}
 
 
 def main(argv=None) -> None:
@@ -207,6 +228,12 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", type=int, default=32, help="token budget per policy version")
     parser.add_argument("--warmup-steps", type=int, default=4, help="budget-mode steps that fill the pool (not counted)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating pairs of runs (median ratio reported)")
+    parser.add_argument("--inflight-factor", type=float, default=1.0,
+                        help="in-flight cap / the trainer's default max_inflight_groups (more = faster, staler)")
+    parser.add_argument("--at-cap", choices=("force", "lift"), default="force",
+                        help="colocate_budget.at_cap: at the in-flight cap force the oldest groups or lift the version's budget")
+    parser.add_argument("--threshold", type=int, default=None,
+                        help="staleness cap with strategy wait (max_off_policy_threshold); default: none (the paper)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=TinyModelSpec.hidden_size, help="model width (random Qwen2)")
     parser.add_argument("--layers", type=int, default=TinyModelSpec.num_hidden_layers)
@@ -232,7 +259,7 @@ def main(argv=None) -> None:
     async def one_pair():
         full = await run_no_budget(server, Workload(pool, args.n), args.steps, args.groups)
         budget = await run_budget(server, Workload(pool, args.n), args.steps, args.groups, args.budget,
-                                  warmup_steps=args.warmup_steps)
+                                  warmup_steps=args.warmup_steps, inflight_factor=args.inflight_factor, at_cap=args.at_cap, threshold=args.threshold)
         return full, budget
 
     async def pairs():
@@ -258,6 +285,14 @@ def main(argv=None) -> None:
           f"decode steps {full['decode_steps'] / budget['decode_steps']:.2f}x fewer")
     best = {mode: min(pair[i]["rollout_s"] / pair[i]["trained"] for pair in results) for i, mode in enumerate(("no budget", "budget"))}
     print(f"fastest run of each mode (robust to load spikes on a shared machine): {best['no budget'] / best['budget']:.2f}x")
+    tokens = [pair[1]["trained_tokens"] / pair[0]["trained_tokens"] for pair in results]
+    print(f"steady state: the budget mode trained {min(tokens):.2f}-{max(tokens):.2f}x the no-budget mode's response tokens "
+          f"(1.00 = the same responses, not a pool filled before the window); trained tokens per rollout second: "
+          f"median {statistics.median(t * r for t, r in zip(tokens, ratios)):.2f}x")
+    print(f"staleness (budget mode, in-flight cap {budget['inflight_cap']} groups): trained trajectories span "
+          f"{budget['mean_span']:.2f} policy versions on average from the oldest segment to training (max {budget['max_span']}), "
+          f"groups generated by at most {budget['max_gen_span']} versions, token-weighted staleness "
+          f"{budget['token_staleness']:.2f} versions")
     print(f"budget {args.budget} tokens; re-prefill share {share:.1%} of processed tokens ({budget['reprefill']} "
           f"re-prefilled, {budget['generated']} generated, {budget['calls']} calls)")
 

@@ -7,6 +7,7 @@ Keys (defaults in ``configs/rollout/partial.yaml``):
 | ``token_budget`` | B: most new tokens a training trajectory generates under one policy version (1 <= B < max_response_length) |
 | ``num_warmup_batches`` | prompt batches dispatched before the first step (as ``colocate_async``) |
 | ``max_inflight_groups`` | cap on prompt groups pending/running; null = ``train_batch_size * (1 + ceil(L / B))`` |
+| ``at_cap`` | progress rule when every in-flight trajectory is parked at the cap: ``force`` the oldest groups to finish, or ``lift`` the version's budget for all (see ``sampler``) |
 | ``persist_partial`` | save/restore parked sessions with the checkpoint (false = verl's regenerate-from-scratch) |
 | ``trace_dir`` | JSONL trace of fetched / trained / evicted groups and trained sessions (tests, debugging) |
 | ``poll_interval_s`` | how often parked sessions and the sampler poll the clock |
@@ -27,6 +28,7 @@ from .segments import BudgetPolicy
 
 SECTION = "trainer.v1.colocate_budget"
 ROLLOUT_NAMES = ("hf", "vllm", "sglang")
+AT_CAP_RULES = ("force", "lift")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class PartialConfig:
     persist_partial: bool
     trace_dir: Optional[str]
     poll_interval_s: float
+    at_cap: str = "force"
 
     def policy(self) -> BudgetPolicy:
         return BudgetPolicy(self.token_budget, self.response_length, self.threshold, self.strategy)
@@ -84,6 +87,9 @@ def parse(config: DictConfig) -> PartialConfig:
     if int(inflight) < train_batch_size:
         raise ValueError(f"{SECTION}.max_inflight_groups={inflight} is invalid; valid: null or >= "
                          f"data.train_batch_size={train_batch_size}")
+    at_cap = section.get("at_cap", "force")
+    if at_cap not in AT_CAP_RULES:
+        raise ValueError(f"{SECTION}.at_cap={at_cap!r} is invalid; valid: {', '.join(AT_CAP_RULES)}")
     poll = float(section.get("poll_interval_s", 0.5))
     if not poll > 0:
         raise ValueError(f"{SECTION}.poll_interval_s={poll} is invalid; valid: > 0")
@@ -97,4 +103,5 @@ def parse(config: DictConfig) -> PartialConfig:
         persist_partial=bool(section.get("persist_partial", True)),
         trace_dir=section.get("trace_dir"),
         poll_interval_s=poll,
+        at_cap=str(at_cap),
     )

@@ -6,12 +6,17 @@ Overrides of ``verl.trainer.ppo.v1.replay_buffer.ReplayBufferAsync`` (private me
   threshold``, ``group_min`` = the oldest segment's version over the group's trajectory tags
   ``min_global_steps`` (verl measures from the prompt's submission step, which a re-issue resets).
 * ``_select_prompt_uids``: oldest segment first (then submission step).
-* ``_has_enough_samples``: never blocks on in-flight groups (verl's ``wait`` blocks sampling, which
+* ``_has_enough_samples``: never blocks on parked groups (verl's ``wait`` blocks sampling, which
   deadlocks once sessions park themselves); instead, for partition ``train``, the **progress rule**: when
   fewer than ``target`` groups are sampleable, no prompt is pending, no session is mid-call and every
   running group has all its sessions recorded (two polls in a row), it refills ``target - sampleable``
-  prompts while under ``max_inflight_groups``, else forces the groups with the oldest segments
-  (they ignore the budget and finish under the current version).
+  prompts while under ``max_inflight_groups``, else applies ``colocate_budget.at_cap``: ``force`` the
+  ``target - sampleable`` groups with the oldest segments (they ignore the budget and finish under the
+  current version; the step lasts as long as their longest remaining responses, with few rows busy), or
+  ``lift`` the budget of the current version for every trajectory (the first groups to finish complete the
+  batch; the end-of-sampling abort parks the rest and the next version has a budget again; without a
+  staleness cap the longest responses can starve). With strategy ``wait`` the step also waits until no
+  forced group is still running, so a group forced at the cap finishes under the version it was forced at.
 * ``_evict_terminal_groups``: logs every eviction with its reason to the trace and forgets the store's
   records of evicted groups.
 
@@ -35,8 +40,9 @@ class BudgetReplayBuffer(ReplayBufferAsync):
     """See module docstring."""
 
     def configure(self, store, rollout_n: int, max_inflight_groups: int, trace: Optional[Callable[..., None]] = None,
-                  poll_interval_s: float = 0.5) -> None:
+                  poll_interval_s: float = 0.5, at_cap: str = "force") -> None:
         self.store, self.rollout_n, self.max_inflight_groups = store, int(rollout_n), int(max_inflight_groups)
+        self.at_cap = at_cap
         self.trace = trace or (lambda **record: None)
         self.poll_interval = poll_interval_s
         self._stuck_polls = 0
@@ -90,10 +96,10 @@ class BudgetReplayBuffer(ReplayBufferAsync):
 
     # ------------------------------------------------------------------ progress rule
     def _has_enough_samples(self, global_steps, partition_id, batch_size, sampleable_keys) -> bool:
-        if len(sampleable_keys) >= batch_size:
+        if len(sampleable_keys) >= batch_size and not self._forced_running(partition_id):
             self._stuck_polls = 0
             return True
-        if partition_id != "train":
+        if partition_id != "train" or len(sampleable_keys) >= batch_size:
             return False
         if not self._all_inflight_parked(partition_id):
             self._stuck_polls = 0
@@ -104,6 +110,13 @@ class BudgetReplayBuffer(ReplayBufferAsync):
         self._stuck_polls = 0
         self.make_progress(partition_id, batch_size - len(sampleable_keys))
         return False
+
+    def _forced_running(self, partition_id: str) -> bool:
+        """``wait``: a group forced by the staleness cap is still generating (the step waits for it)."""
+        if partition_id == "val" or self.max_off_policy_strategy != "wait" or self.max_off_policy_threshold is None:
+            return False
+        running = self.running_keys[partition_id]
+        return bool(running) and bool(set(self._store("forced_uids")) & set(running))
 
     def _all_inflight_parked(self, partition_id: str) -> bool:
         if self.pending_keys[partition_id]:
@@ -121,7 +134,8 @@ class BudgetReplayBuffer(ReplayBufferAsync):
         return True
 
     def make_progress(self, partition_id: str, deficit: int) -> None:
-        """Refill ``deficit`` prompts while under the in-flight cap, else force the oldest groups."""
+        """Refill ``deficit`` prompts while under the in-flight cap, else force the oldest groups or lift the
+        current version's budget (``at_cap``)."""
         inflight = len(self.pending_keys[partition_id]) + len(self.running_keys[partition_id])
         room = self.max_inflight_groups - inflight
         if room > 0:
@@ -129,6 +143,10 @@ class BudgetReplayBuffer(ReplayBufferAsync):
             self.refill_fn(count)
             self.counters["refills"] += count
             self.trace(kind="progress", action="refill", count=count, inflight=inflight)
+            return
+        if self.at_cap == "lift":
+            version = self._store("lift")
+            self.trace(kind="progress", action="lift", version=version, inflight=inflight)
             return
         oldest = self._store("running_min_versions")
         victims = sorted(self.running_keys[partition_id], key=lambda uid: (oldest.get(uid, 1 << 62), uid))[:deficit]

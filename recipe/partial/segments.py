@@ -14,13 +14,21 @@ After a call the trajectory is
   used up, or the server stopped for another reason with fewer than ``max_tokens`` tokens;
 * parked: ``max_tokens`` tokens and no EOS (a budget hit: vLLM says "completed", hf says "length"),
   or "aborted" (verl's batch-full abort). A parked trajectory waits until the clock shows a version newer
-  than the one that produced its last segment, or until it is forced.
+  than the one that produced its last segment, or until it is forced, or (after a budget hit) until the
+  sampler's progress rule lifts the budget of the current version.
+
+Lifted version (the progress rule when the in-flight cap is reached, ``sampler.make_progress``): every
+trajectory may generate past ``B`` under that one version, until the trainer's batch is complete and the
+end-of-sampling abort parks it; the next version has a budget again. The session records such versions in
+``lifted_versions`` (their tokens are the only ones, besides forced groups', beyond ``B`` per version).
 
 Staleness cap (``threshold`` = the number of policy versions a group may span, counted from the oldest
 segment of the group, verl's ``max_off_policy_threshold``): before a call at version ``v`` the span is
 ``v - group_min_version + 1``. ``drop``: a span above the threshold raises ``StaleTrajectoryError`` (verl
-marks the group failed, evicts and refills it). ``wait``: at span == threshold the session is forced,
-i.e. it ignores ``B`` from then on and finishes under that version. ``threshold=None``: no cap (paper).
+marks the group failed, evicts and refills it). ``wait``: at span == threshold the group is forced (by
+its session before a call, and by the store's clock at ``set_version`` for sessions parked through the
+version change), i.e. it ignores ``B`` from then on; the sampler ends no step while a forced group still
+runs, so it finishes under that version. ``threshold=None``: no cap (paper).
 
 The record of a session (``SessionRecord``) is reported to a store after every call, so a restarted run
 continues a parked session from exactly its stored tokens and returns a finished one without a call.
@@ -58,6 +66,7 @@ class SessionRecord:
     aborts: int = 0
     reprefill_tokens: int = 0  # prompt + prefix tokens prefilled again by continuation calls
     restored: bool = False
+    lifted_versions: list[int] = field(default_factory=list)  # versions whose budget the progress rule lifted
     last_version: Optional[int] = None  # stamp of the latest call (also of calls with 0 tokens)
 
     @property
@@ -72,11 +81,22 @@ class SessionRecord:
         return sum(s[1] for s in self.segments if s[0] == version)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """A copy that shares no list with the record (``dataclasses.asdict`` deep-copies every element: it
+        was the in-process store's largest cost, two reports per call)."""
+        return _copy_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     @classmethod
     def from_dict(cls, data: dict) -> "SessionRecord":
-        return cls(**data)
+        return cls(**_copy_fields(data))
+
+
+def _copy_fields(data: dict) -> dict:
+    out = dict(data)
+    for name in ("prompt_ids", "token_ids", "log_probs"):
+        out[name] = list(out[name])
+    out["segments"] = [list(s) for s in out["segments"]]
+    out["lifted_versions"] = list(out.get("lifted_versions", ()))
+    return out
 
 
 class Clock(Protocol):
@@ -88,8 +108,12 @@ class Clock(Protocol):
 
     async def is_forced(self, uid: str) -> bool: ...
 
-    async def wait_newer(self, uid: str, version: int) -> None:
-        """Return once the clock is > ``version`` or the group ``uid`` is forced."""
+    async def is_lifted(self, version: int) -> bool:
+        """Whether the progress rule lifted the budget of ``version``."""
+
+    async def wait_newer(self, uid: str, version: int, lifted_ok: bool = True) -> None:
+        """Return once the clock is > ``version``, the group ``uid`` is forced, or (``lifted_ok``) the budget
+        of ``version`` is lifted."""
 
     async def force(self, uid: str) -> None: ...
 
@@ -190,7 +214,9 @@ class SegmentedGenerate:
             record.budget_stops += outcome == "budget"
             record.aborts += outcome == "aborted"
             await self.clock.report(self.key, record)
-            if outcome == "aborted" or record.tokens_at(stamp) >= self.policy.token_budget:
+            if outcome == "aborted":  # the rollout stops for a weight update: a lift of `stamp` no longer helps
+                await self.clock.wait_newer(self.uid, stamp, lifted_ok=False)
+            elif record.tokens_at(stamp) >= self.policy.token_budget:
                 await self.clock.wait_newer(self.uid, stamp)
         return self._output(record)
 
@@ -198,6 +224,8 @@ class SegmentedGenerate:
         """Tokens the next call may generate at ``version``; applies the staleness cap first."""
         remaining = self.policy.response_length - len(record.token_ids)
         policy = self.policy
+        if not record.forced and await self.clock.is_forced(self.uid):  # e.g. by the clock at the wait cap
+            record.forced = True
         oldest = None
         if policy.threshold is not None and not record.forced:
             mine, group = record.min_version, await self.clock.group_min_version(self.uid)
@@ -211,9 +239,12 @@ class SegmentedGenerate:
                 )
             if span == policy.threshold and policy.strategy == "wait":
                 await self.clock.force(self.uid)
-        if not record.forced and await self.clock.is_forced(self.uid):
-            record.forced = True
+                record.forced = True
         if record.forced:
+            return remaining
+        if await self.clock.is_lifted(version):
+            if version not in record.lifted_versions:
+                record.lifted_versions.append(version)
             return remaining
         return max(0, min(policy.token_budget - record.tokens_at(version), remaining))
 
@@ -250,6 +281,7 @@ class SegmentedGenerate:
                 "max_global_steps": max(versions),
                 "partial_segments": [list(s) for s in record.segments],
                 "partial_forced": record.forced,
+                "partial_lifted_versions": list(record.lifted_versions),
                 "partial_restored": record.restored,
             },
         )

@@ -7,10 +7,11 @@
   status calling/parked/finished), reported by the sessions after every call;
 * the version clock: the policy version the rollout holds (the trainer's ``global_steps`` after each
   weight update);
-* the forced groups (uids that ignore the budget until they finish);
+* the forced groups (uids that ignore the budget until they finish) and the lifted version (whose budget
+  the sampler's progress rule lifted for every trajectory, see ``segments``);
 * counters for metrics.
 
-Parked sessions do not wait inside the actor: they poll ``version()`` / ``is_forced()`` every
+Parked sessions do not wait inside the actor: they poll ``version()`` / ``is_forced()`` / ``is_lifted()`` every
 ``poll_interval_s`` (``ActorClock.wait_newer``), so the actor never holds thousands of pending calls.
 """
 
@@ -36,15 +37,28 @@ class PartialRolloutStore:
     def __init__(self) -> None:
         self._version = 0
         self.records: dict[str, dict] = {}
+        self._keys_of: dict[str, dict[str, None]] = defaultdict(dict)  # uid -> its session keys, in report order
         self.forced: set[str] = set()
+        self.wait_threshold: Optional[int] = None  # configure_cap
+        self.lifted: Optional[int] = None  # the version whose budget the progress rule lifted (not checkpointed)
         self.counters: Counter = Counter()
         self._reported_calls: dict[str, int] = {}
 
     # ------------------------------------------------------------------ clock
+    def configure_cap(self, threshold: Optional[int], strategy: str) -> None:
+        """The staleness cap; with ``wait`` the clock forces groups as they reach it (see ``set_version``)."""
+        self.wait_threshold = threshold if strategy == "wait" else None
+
     def set_version(self, version: int) -> None:
+        """Advance the clock; with ``wait``, force every recorded group that now spans ``threshold`` versions
+        (here, not only in its sessions: a parked session may sleep through a version)."""
         if version < self._version:
             raise ValueError(f"partial rollout: version clock must not go back ({self._version} -> {version})")
         self._version = int(version)
+        if self.wait_threshold is not None:
+            due = [uid for uid, oldest in self.running_min_versions().items()
+                   if self._version - oldest + 1 >= self.wait_threshold]
+            self.force(due)
 
     def version(self) -> int:
         return self._version
@@ -64,42 +78,37 @@ class PartialRolloutStore:
             self.counters["budget_stops"] += record["budget_stops"]
             self.counters["reprefill_tokens"] += record["reprefill_tokens"]
         self.records[key] = record
+        self._keys_of[uid_of(key)][key] = None
 
     def restore(self, key: str) -> Optional[dict]:
         return self.records.get(key)
 
     def group_min_version(self, uid: str) -> Optional[int]:
-        versions = [s[0] for key, r in self.records.items() if uid_of(key) == uid for s in r["segments"]]
+        versions = [s[0] for key in self._keys_of.get(uid, ()) for s in self.records[key]["segments"]]
         return min(versions) if versions else None
 
     def running_min_versions(self) -> dict[str, int]:
         """uid -> oldest segment version, for every group with a recorded segment."""
-        oldest: dict[str, int] = {}
-        for key, record in self.records.items():
-            for segment in record["segments"]:
-                uid = uid_of(key)
-                oldest[uid] = min(segment[0], oldest.get(uid, segment[0]))
-        return oldest
+        oldest = {uid: self.group_min_version(uid) for uid in self._keys_of}
+        return {uid: v for uid, v in oldest.items() if v is not None}
 
     def group_records(self, uids: list[str]) -> dict[str, dict]:
-        wanted = set(uids)
-        return {k: r for k, r in self.records.items() if uid_of(k) in wanted}
+        return {k: self.records[k] for uid in dict.fromkeys(uids) for k in self._keys_of.get(uid, ())}
 
     def session_states(self) -> dict[str, dict[str, str]]:
         """uid -> {key: status} for every recorded session."""
-        states: dict[str, dict[str, str]] = defaultdict(dict)
-        for key, record in self.records.items():
-            states[uid_of(key)][key] = record["status"]
-        return dict(states)
+        return {uid: {k: self.records[k]["status"] for k in keys} for uid, keys in self._keys_of.items()}
 
     def forget(self, uids: list[str]) -> int:
         """Drop the records of trained or evicted groups; returns how many sessions were dropped."""
         wanted = set(uids)
-        keys = [k for k in self.records if uid_of(k) in wanted]
-        for key in keys:
-            del self.records[key]
+        dropped = 0
+        for uid in wanted:
+            for key in self._keys_of.pop(uid, ()):
+                del self.records[key]
+                dropped += 1
         self.forced -= wanted
-        return len(keys)
+        return dropped
 
     # ------------------------------------------------------------------ forcing
     def force(self, uids: list[str]) -> None:
@@ -109,6 +118,19 @@ class PartialRolloutStore:
 
     def is_forced(self, uid: str) -> bool:
         return uid in self.forced
+
+    def forced_uids(self) -> list[str]:
+        return sorted(self.forced)
+
+    def lift(self) -> int:
+        """Lift the budget of the current version for every trajectory; returns that version."""
+        if self.lifted != self._version:
+            self.lifted = self._version
+            self.counters["lifted_versions"] += 1
+        return self._version
+
+    def is_lifted(self, version: int) -> bool:
+        return self.lifted == version
 
     # ------------------------------------------------------------------ checkpoint
     def calling_count(self) -> int:
@@ -121,6 +143,9 @@ class PartialRolloutStore:
         """Restore the records of ``inflight_uids`` (those verl re-issues); returns sessions restored."""
         keep = set(inflight_uids)
         self.records = {k: r for k, r in state["records"].items() if uid_of(k) in keep}
+        self._keys_of = defaultdict(dict)
+        for key in self.records:
+            self._keys_of[uid_of(key)][key] = None
         for record in self.records.values():
             if record["status"] == "calling":  # a call that never returned: continue from what was stored
                 record["status"] = "parked"
@@ -138,6 +163,7 @@ class PartialRolloutStore:
             "buffer/oldest_lag": float(self._version - min(versions)) if versions else 0.0,
             **{f"rollout/{k}": float(self.counters[k]) for k in ("calls", "tokens_generated", "budget_stops", "reprefill_tokens")},
             "sampler/forced_groups": float(self.counters["forced_groups"]),
+            "sampler/lifted_versions": float(self.counters["lifted_versions"]),
             "checkpoint/restored_sessions": float(self.counters["restored_sessions"]),
         }
 
@@ -170,8 +196,12 @@ class LocalClock:
     async def force(self, uid: str) -> None:
         await self._ask("force", [uid])
 
-    async def wait_newer(self, uid: str, version: int) -> None:
-        while await self.version() <= version and not await self.is_forced(uid):
+    async def is_lifted(self, version: int) -> bool:
+        return await self._ask("is_lifted", version)
+
+    async def wait_newer(self, uid: str, version: int, lifted_ok: bool = True) -> None:
+        while (await self.version() <= version and not await self.is_forced(uid)
+               and not (lifted_ok and await self.is_lifted(version))):
             if self._changed is None:
                 self._changed = asyncio.Event()
             try:  # woken by notify(), else polls

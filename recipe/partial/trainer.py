@@ -73,6 +73,7 @@ class PPOTrainerColocateBudget(PPOTrainerColocateAsync):
         self.partial = partial_config.parse(config)  # before any worker starts
         self.trace = TraceWriter(self.partial.trace_dir)
         self.store = ray.remote(PartialRolloutStore).options(name=STORE_ACTOR_NAME, num_cpus=0).remote()
+        ray.get(self.store.configure_cap.remote(self.partial.threshold, self.partial.strategy))
         super().__init__(config)
 
     def _build_replay_buffer(self):
@@ -89,7 +90,7 @@ class PPOTrainerColocateBudget(PPOTrainerColocateAsync):
             refill_fn=self._add_prompts_to_generate,
         )
         buffer.configure(self.store, self.config.actor_rollout_ref.rollout.n, self.partial.max_inflight_groups,
-                         trace=self.trace, poll_interval_s=self.partial.poll_interval_s)
+                         trace=self.trace, poll_interval_s=self.partial.poll_interval_s, at_cap=self.partial.at_cap)
         return buffer
 
     # ------------------------------------------------------------------ prompts
@@ -168,6 +169,7 @@ class PPOTrainerColocateBudget(PPOTrainerColocateAsync):
         log_probs = [r.tolist() for r in data["rollout_log_probs"].unbind(0)] if "rollout_log_probs" in data else []
         self.trace(kind="trained", step=global_steps, uids=uids, keys=keys,
                    sessions=[{"key": k, "segments": e.get("partial_segments"), "forced": e.get("partial_forced"),
+                              "lifted": e.get("partial_lifted_versions"),
                               "restored": e.get("partial_restored"), "tokens": resp, "log_probs": lp}
                              for k, e, resp, lp in zip(keys, extras, responses, log_probs, strict=True)])
         ray.get(self.store.forget.remote(uids))
