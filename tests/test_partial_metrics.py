@@ -10,7 +10,7 @@ def test_trained_metrics_by_hand():
     extras = [
         {"partial_segments": [[0, 6, 1], [1, 4, 2]], "partial_forced": False},
         {"partial_segments": [[1, 5, 2]], "partial_forced": True, "partial_restored": True},
-        {"partial_segments": [[2, 3, 3]]},
+        {"partial_segments": [[2, 3, 3]], "partial_lifted_versions": [2]},
     ]
     m = trained_metrics(keys, extras, global_steps=3)  # trained at step 3: the policy updated is version 2
     assert m["partial/trained/resumed_share"] == pytest.approx(1 / 3)
@@ -22,3 +22,4 @@ def test_trained_metrics_by_hand():
     assert m["partial/trained/group_version_span/max"] == 2  # u1 spans versions 0..1
     assert m["partial/trained/forced_share"] == pytest.approx(1 / 3)
     assert m["partial/trained/restored_share"] == pytest.approx(1 / 3)
+    assert m["partial/trained/lifted_share"] == pytest.approx(1 / 3)

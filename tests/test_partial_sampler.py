@@ -41,12 +41,13 @@ def tq(monkeypatch):
     return fake
 
 
-def make(cls=BudgetReplayBuffer, threshold=3, strategy="drop", inflight=4, store=None):
+def make(cls=BudgetReplayBuffer, threshold=3, strategy="drop", inflight=4, store=None, at_cap="force"):
     refills = []
     buffer = cls(trainer_mode="colocate_budget", trainer_config=OmegaConf.create({}), max_off_policy_threshold=threshold,
                  max_off_policy_strategy=strategy, sampler_kwargs=OmegaConf.create({}), refill_fn=refills.append)
     if cls is BudgetReplayBuffer:
-        buffer.configure(store or PartialRolloutStore(), rollout_n=2, max_inflight_groups=inflight, poll_interval_s=0.01)
+        buffer.configure(store or PartialRolloutStore(), rollout_n=2, max_inflight_groups=inflight, poll_interval_s=0.01,
+                         at_cap=at_cap)
     return buffer, refills
 
 
@@ -98,6 +99,35 @@ def test_all_parked_refills_under_the_cap_then_forces_at_it(tq):
         buffer._has_enough_samples(1, "train", 1, set())  # deficit 1
     assert refills == [1] and store.forced == {"R"}  # at the cap: force the group with the oldest segment
     assert store.counters["forced_groups"] == 1
+
+
+def test_lift_at_the_cap_lifts_the_current_version_for_everyone(tq):
+    store = PartialRolloutStore()
+    store.set_version(4)
+    buffer, refills = make(store=store, inflight=1, at_cap="lift")
+    tq.prompt("R", "running", 1)
+    parked_group(store, "R", version=3)
+    buffer._sync_metadata_from_transfer_queue()
+    for _ in range(2):
+        buffer._has_enough_samples(4, "train", 2, set())
+    assert refills == [] and store.forced == set()
+    assert store.is_lifted(4) and not store.is_lifted(3) and store.counters["lifted_versions"] == 1
+
+
+@pytest.mark.parametrize("strategy", ["wait", "drop"])
+def test_wait_holds_the_step_until_no_forced_group_is_running(tq, strategy):
+    store = PartialRolloutStore()
+    buffer, _ = make(store=store, threshold=2, strategy=strategy)
+    for uid in ("A", "B"):
+        tq.prompt(uid, "finished", 1)
+    tq.prompt("F", "running", 1)
+    store.force(["F"])
+    buffer._sync_metadata_from_transfer_queue()
+    # a full batch is sampleable, but with wait the forced group F must finish under this version first
+    assert buffer._has_enough_samples(2, "train", 2, {"A", "B"}) == (strategy == "drop")
+    tq.prompt("F", "finished", 1)
+    buffer._sync_metadata_from_transfer_queue()
+    assert buffer._has_enough_samples(2, "train", 2, {"A", "B"})
 
 
 def test_no_progress_action_while_a_session_is_mid_call_or_unrecorded(tq):

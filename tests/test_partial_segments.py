@@ -202,3 +202,83 @@ def test_policy_rejects_invalid_values():
         BudgetPolicy(token_budget=0, response_length=8)
     with pytest.raises(ValueError, match="max_off_policy_strategy='skip'"):
         BudgetPolicy(token_budget=2, response_length=8, strategy="skip")
+
+
+class AbortingServer(ScriptedServer):
+    """Aborts call number ``abort_call`` (1-based) after ``after`` tokens (the end-of-sampling abort)."""
+
+    def __init__(self, response, abort_call: int, after: int):
+        super().__init__(response, "vllm")
+        self.abort_call, self.after = abort_call, after
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+        if len(self.calls) + 1 != self.abort_call:
+            return await super().generate(request_id, prompt_ids=prompt_ids, sampling_params=sampling_params)
+        output = await super().generate(request_id, prompt_ids=prompt_ids,
+                                        sampling_params={**sampling_params, "max_tokens": self.after})
+        self.calls[-1]["max_tokens"] = sampling_params["max_tokens"]
+        return TokenOutput(token_ids=output.token_ids, log_probs=output.log_probs, stop_reason="aborted",
+                           extra_fields=output.extra_fields)
+
+
+async def drive(server, policy, store, steps):
+    """Run one session; ``steps(store, server)`` is awaited once the session first parks (the 'trainer')."""
+    clock = LocalClock(store, poll_interval_s=0.001)
+    gen = SegmentedGenerate(server.generate, clock, policy, uid="u1", session_id=0, stop_ids=frozenset({EOS}))
+    task = asyncio.ensure_future(gen.generate("r", prompt_ids=PROMPT, sampling_params={}))
+    while store.records.get("u1_0", {}).get("status") != "parked":
+        await asyncio.sleep(0.001)
+    await steps(store, server, task)
+    return await asyncio.wait_for(task, timeout=10)
+
+
+def test_a_lifted_version_lets_every_session_run_past_the_budget_under_that_version_only():
+    async def lift_then_abort_then_next_version(store, server, task):
+        store.lift()  # the progress rule at the in-flight cap, version 0
+        while len(server.calls) < 2 or store.records["u1_0"]["status"] != "parked":
+            await asyncio.sleep(0.001)  # call 2 (lifted) is cut by the end-of-sampling abort after 2 tokens
+        await asyncio.sleep(0.02)
+        assert not task.done() and len(server.calls) == 2  # the abort parks it until a newer version: no lift reuse
+        for version in (1, 2, 3):
+            server.version = version
+            store.set_version(version)
+            while store.records["u1_0"]["status"] != "parked" and not task.done():
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.005)
+
+    server = AbortingServer([5] * 12 + [EOS], abort_call=2, after=2)
+    store = PartialRolloutStore()
+    output = asyncio.run(drive(server, BudgetPolicy(token_budget=3, response_length=32), store,
+                               lift_then_abort_then_next_version))
+    assert output.token_ids == [5] * 12 + [EOS]
+    assert [s[:2] for s in output.extra_fields["partial_segments"]] == [[0, 3], [0, 2], [1, 3], [2, 3], [3, 2]]
+    assert [c["max_tokens"] for c in server.calls] == [3, 29, 3, 3, 3]  # lifted: the whole remaining length
+    assert output.extra_fields["partial_lifted_versions"] == [0] and not output.extra_fields["partial_forced"]
+    assert store.counters["lifted_versions"] == 1 and not store.is_lifted(1)
+
+
+def test_wait_cap_forces_groups_at_the_clock_so_a_session_asleep_through_it_does_not_fail():
+    """The clock forces a group when a version change brings it to the cap, even if its sessions are asleep;
+    a session woken only after two version changes continues forced (before: StaleTrajectoryError)."""
+    async def two_versions_while_asleep(store, server, task):
+        for version in (1, 2):
+            server.version = version
+            store.set_version(version)
+        assert store.forced == {"u1"}  # forced at version 1 (span 2 = threshold) by the clock
+
+    store = PartialRolloutStore()
+    store.configure_cap(threshold=2, strategy="wait")
+    server = ScriptedServer([5] * 10 + [EOS], "vllm")
+    output = asyncio.run(drive(server, BudgetPolicy(token_budget=3, response_length=32, threshold=2, strategy="wait"),
+                               store, two_versions_while_asleep))
+    assert output.token_ids == [5] * 10 + [EOS] and output.extra_fields["partial_forced"]
+    assert [s[:2] for s in output.extra_fields["partial_segments"]] == [[0, 3], [2, 8]]
+
+
+def test_drop_cap_is_not_forced_by_the_clock():
+    store = PartialRolloutStore()
+    store.configure_cap(threshold=2, strategy="drop")
+    store.report("u1_0", {"token_ids": [5], "segments": [[0, 1, -1]], "calls": 1, "budget_stops": 1,
+                          "reprefill_tokens": 0, "status": "parked"})
+    store.set_version(5)
+    assert store.forced == set()

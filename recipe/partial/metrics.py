@@ -33,6 +33,7 @@ def trained_metrics(keys: list[str], extras: list[dict], global_steps: int) -> d
         "partial/trained/segments/mean": float(np.mean(counts)),
         "partial/trained/segments/max": float(max(counts)),
         "partial/trained/forced_share": float(np.mean([bool(e.get("partial_forced")) for e in extras])),
+        "partial/trained/lifted_share": float(np.mean([bool(e.get("partial_lifted_versions")) for e in extras])),
         "partial/trained/restored_share": float(np.mean([bool(e.get("partial_restored")) for e in extras])),
         "partial/trained/group_version_span/max": float(max(spans)) if spans else 0.0,
     }
