@@ -1,6 +1,7 @@
 """Rollout throughput with and without the token budget on a heavy-tailed response-length distribution.
 
-    python benchmarks/bench_partial_rollout.py [--steps 12 --groups 8 --n 4 --budget 32 --repeats 3]
+    python benchmarks/bench_partial_rollout.py [--steps 36 --warmup-steps 12 --groups 8 --n 4 --budget 32 --repeats 3]
+                                               [--at-cap force|lift] [--threshold N (wait)] [--inflight-factor F]
                                                [--hidden 64 --layers 2 (the random model's shape)]
 
 Both modes run the real ``hf`` rollout server in-process (tiny random Qwen2, CPU, no Ray) on the same
@@ -12,11 +13,18 @@ process:
 * **no budget** (a synchronous rollout): every step dispatches ``groups`` prompts x ``n`` and waits for all of
   them, so each step lasts as long as its longest response while the batch empties;
 * **budget** (``recipe.partial``, as the ``colocate_budget`` trainer does it): sessions generate at most
-  ``budget`` tokens per version (``SegmentedGenerate`` + store + the sampler's progress rule: refill under
-  the in-flight cap, else force the oldest groups); a step ends once ``groups`` groups are finished, the
-  in-flight calls are aborted and the version advances (no weights change: the cost is the scheduling).
+  ``budget`` tokens per version (``SegmentedGenerate`` + store + the sampler's rules: refill under the
+  in-flight cap, else ``--at-cap`` force the oldest groups / lift the version's budget; with ``--threshold``
+  the ``wait`` staleness cap); a step ends once ``groups`` groups are finished (and, with ``wait``, no
+  forced group still runs), the oldest finished groups are trained, the in-flight calls are aborted and
+  the version advances (no weights change: the cost is the scheduling).
 
-Reported: trained responses per second of rollout wall time for each mode, the ratio, and the re-prefill
+Steady state: the budget mode starts with an empty pool, so ``--warmup-steps`` are not counted, and the
+report checks that the counted steps trained as many response tokens as the no-budget mode (a window
+that harvests a pool filled before it, or that trains only short responses, would read faster than it is).
+
+Reported: trained responses (and response tokens) per second of rollout wall time for each mode, the
+ratio, the staleness of the trained trajectories, and the re-prefill
 share of the budget mode (prompt + prefix tokens prefilled again by continuation calls / all tokens the
 server processed: prompt prefills + re-prefills + generated tokens), the median ratio over alternating
 pairs and the ratio of each mode's fastest run (robust to load spikes from other jobs on the machine).
@@ -222,11 +230,11 @@ async def run_budget(server, work: Workload, steps: int, groups: int, budget: in
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=36)
     parser.add_argument("--groups", type=int, default=8, help="prompt groups trained per step")
     parser.add_argument("--n", type=int, default=4, help="responses per prompt")
     parser.add_argument("--budget", type=int, default=32, help="token budget per policy version")
-    parser.add_argument("--warmup-steps", type=int, default=4, help="budget-mode steps that fill the pool (not counted)")
+    parser.add_argument("--warmup-steps", type=int, default=12, help="budget-mode steps that fill the pool (not counted)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating pairs of runs (median ratio reported)")
     parser.add_argument("--inflight-factor", type=float, default=1.0,
                         help="in-flight cap / the trainer's default max_inflight_groups (more = faster, staler)")

@@ -23,7 +23,7 @@ def test_preset_turns_the_mode_on_and_derives_the_inflight_cap():
     assert config.trainer.v1.trainer_mode == "colocate_budget" and config.trainer.use_v1
     settings = parse(config)
     assert settings.token_budget == 2048 and settings.threshold is None and settings.persist_partial
-    assert settings.max_inflight_groups == 32 * (1 + 4)
+    assert settings.max_inflight_groups == 32 * (1 + 4) and settings.at_cap == "force"
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -36,6 +36,8 @@ def test_preset_turns_the_mode_on_and_derives_the_inflight_cap():
       "trainer.v1.sampler.max_off_policy_threshold=4"], r"valid: null or >= ceil\(1024/256\) \+ 1 = 5"),
     (["trainer.v1.colocate_budget.token_budget=256", "trainer.v1.colocate_budget.max_inflight_groups=1",
       "data.train_batch_size=8"], "max_inflight_groups=1 is invalid"),
+    (["trainer.v1.colocate_budget.token_budget=256", "trainer.v1.colocate_budget.at_cap=wait"],
+     "at_cap='wait' is invalid; valid: force, lift"),
 ])  # fmt: skip
 def test_invalid_settings_name_key_value_and_range(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -96,6 +96,10 @@ class TinyAssetsParams:
     n_test: int = 128
     n_val: int = 256  # validation sample for the stopping rule (not written)
     max_operand: int = 9
+    # warm-start targets: "restate" = one phrasing ("7*8=56 \\boxed{56}"); "varied" = the five phrasings
+    # of Problem.responses drawn uniformly per example, so the model starts with real entropy over how it
+    # answers (the off-policy stress regime, configs/regime/cpu_stress_varied.yaml)
+    response_style: str = "restate"
     # model (Qwen2, fp32, tied embeddings)
     vocab_size: int = 320  # >= 259 tokenizer entries
     hidden_size: int = 128
@@ -180,6 +184,17 @@ class Problem:
     def response(self) -> str:
         """Warm-start target: the computation restated, then the boxed answer."""
         return f"{self.a}{self.op}{self.b}={self.answer} \\boxed{{{self.answer}}}"
+
+    def responses(self, style: str) -> tuple[str, ...]:
+        """Warm-start targets of ``style`` (every one ends with the boxed answer; the first is ``response``)."""
+        if style == "restate":
+            return (self.response,)
+        a, op, b, x = self.a, self.op, self.b, self.answer
+        return (self.response, f"\\boxed{{{x}}}", f"The answer is \\boxed{{{x}}}",
+                f"{a}{op}{b} gives {x}, so \\boxed{{{x}}}", f"So {x}. \\boxed{{{x}}}")
+
+
+RESPONSE_STYLES = ("restate", "varied")
 
 
 def derive_seed(seed: int, stream: str) -> int:
@@ -318,20 +333,24 @@ class _Encoder:
             self._cache[key] = chat_prompt_ids(self.tok, problem.text if bare else math_prompt(problem.text))
         return self._cache[key]
 
-    def response(self, problem: Problem) -> list[int]:
-        key = (problem, "response")
+    def response(self, problem: Problem, style: str = "restate", variant: int = 0) -> list[int]:
+        key = (problem, "response", style, variant)
         if key not in self._cache:
-            self._cache[key] = list(self.tok.encode(problem.response, add_special_tokens=False))
+            text = problem.responses(style)[variant]
+            self._cache[key] = list(self.tok.encode(text, add_special_tokens=False))
         return self._cache[key]
 
 
-def _teacher_forced_batch(enc: _Encoder, problems: list[Problem], bare: bool, with_eos: bool):
-    """Right-padded (input_ids, attention_mask, labels); labels are -100 outside the response."""
+def _teacher_forced_batch(enc: _Encoder, problems: list[Problem], bare: bool, with_eos: bool,
+                          style: str = "restate", variants: list[int] | None = None):
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 outside the response.
+    ``variants[i]``: which of ``problems[i].responses(style)`` is the target (default the first)."""
     import torch
 
     seqs, labels = [], []
-    for p in problems:
-        prompt, resp = enc.prompt(p, bare), enc.response(p) + ([enc.eos_id] if with_eos else [])
+    for i, p in enumerate(problems):
+        target = enc.response(p, style, variants[i] if variants else 0)
+        prompt, resp = enc.prompt(p, bare), target + ([enc.eos_id] if with_eos else [])
         seqs.append(prompt + resp)
         labels.append([-100] * len(prompt) + resp)
     width = max(map(len, seqs))
@@ -346,8 +365,17 @@ def _teacher_forced_batch(enc: _Encoder, problems: list[Problem], bare: bool, wi
 
 
 def response_probabilities(model, enc: _Encoder, problems: list[Problem], bare: bool = False,
-                           batch_size: int = 256) -> list[float]:
-    """Teacher-forced probability of each problem's full target response (eos excluded)."""
+                           batch_size: int = 256, style: str = "restate") -> list[float]:
+    """Teacher-forced probability of each problem's full target response (eos excluded); for several
+    phrasings (``style``), the sum over them (each is a correct answer: still a lower bound of accuracy)."""
+    count = len(problems[0].responses(style)) if problems else 1
+    if count > 1:
+        per_variant = [_response_probabilities(model, enc, problems, bare, batch_size, style, v) for v in range(count)]
+        return [sum(ps) for ps in zip(*per_variant)]
+    return _response_probabilities(model, enc, problems, bare, batch_size, style, 0)
+
+
+def _response_probabilities(model, enc, problems, bare, batch_size, style, variant) -> list[float]:
     import torch
 
     out: list[float] = []
@@ -355,7 +383,8 @@ def response_probabilities(model, enc: _Encoder, problems: list[Problem], bare: 
     model.eval()
     with torch.no_grad():
         for start in range(0, len(problems), batch_size):
-            ids, mask, lab = _teacher_forced_batch(enc, problems[start : start + batch_size], bare, False)
+            chunk = problems[start : start + batch_size]
+            ids, mask, lab = _teacher_forced_batch(enc, chunk, bare, False, style, [variant] * len(chunk))
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             target = lab[:, 1:]
             logp = torch.log_softmax(logits, dim=-1)
@@ -371,6 +400,8 @@ def warm_start(model, enc: _Encoder, params: TinyAssetsParams, val: list[Problem
     import torch
 
     rng = random.Random(derive_seed(params.seed, "sft"))
+    style_rng = random.Random(derive_seed(params.seed, "sft-style"))  # own stream: "restate" builds unchanged
+    n_styles = len(Problem(1, "+", 1).responses(params.response_style))
     torch.manual_seed(derive_seed(params.seed, "sft-torch"))
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
@@ -386,14 +417,15 @@ def warm_start(model, enc: _Encoder, params: TinyAssetsParams, val: list[Problem
             for group in opt.param_groups:
                 group["lr"] = params.lr * min(1.0, step / max(1, params.warmup_steps))
             batch = [sample_problem(rng, params.max_operand) for _ in range(params.batch_size)]
-            ids, mask, lab = _teacher_forced_batch(enc, batch, bare, True)
+            variants = [style_rng.randrange(n_styles) for _ in batch] if n_styles > 1 else None
+            ids, mask, lab = _teacher_forced_batch(enc, batch, bare, True, params.response_style, variants)
             loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             if i % every == 0 or i == max_steps:
-                probs = response_probabilities(model, enc, val, bare=bare)
+                probs = response_probabilities(model, enc, val, bare=bare, style=params.response_style)
                 acc = sum(probs) / len(probs)
                 phase = "bare" if bare else "full"
                 history.append({"step": step, "phase": phase, "loss": round(loss.item(), 4),
@@ -544,7 +576,7 @@ def _write_files(tmp: Path, params: TinyAssetsParams, log) -> dict:
     loaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     test_problems = [Problem(r["extra_info"]["a"], r["extra_info"]["op"], r["extra_info"]["b"])
                      for r in splits["test"]]
-    test_probs = response_probabilities(loaded, _Encoder(tok2), test_problems)
+    test_probs = response_probabilities(loaded, _Encoder(tok2), test_problems, style=params.response_style)
     acc, texts = sampled_accuracy(loaded, tok2, splits["test"], max_new_tokens=params.eval_max_new_tokens,
                                   seed=derive_seed(params.seed, "eval"))
     by_op = {}
@@ -553,7 +585,8 @@ def _write_files(tmp: Path, params: TinyAssetsParams, log) -> dict:
         by_op[op] = round(sum(score_response(texts[i], test_problems[i].answer) for i in idx) / max(1, len(idx)), 4)
 
     prompt_lens = [len(chat_prompt_ids(tok2, r["prompt"][0]["content"])) for r in splits["train"] + splits["test"]]
-    resp_lens = [len(enc.response(p)) + 1 for p in test_problems]  # + eos
+    resp_lens = [max(len(enc.response(p, params.response_style, v)) for v in range(len(p.responses(params.response_style)))) + 1
+                 for p in test_problems]  # longest phrasing + eos
     sampled_lens = [len(tok2.encode(t, add_special_tokens=False)) for t in texts]
     files = {}
     for path in sorted(tmp.rglob("*")):
@@ -608,6 +641,8 @@ def build_tiny_assets(out_dir: str | os.PathLike | None = None, seed: int = 0, *
         enter the cache key.
     """
     params = TinyAssetsParams(seed=seed, **overrides)
+    if params.response_style not in RESPONSE_STYLES:
+        raise ValueError(f"tiny assets: response_style={params.response_style!r} is invalid; valid: {', '.join(RESPONSE_STYLES)}")
     key = params.key()
     target = Path(out_dir) if out_dir is not None else Path(cache_root or default_cache_root()) / key
     target = target.expanduser().resolve()
@@ -659,14 +694,15 @@ RESOLVER = "tiny_assets"
 
 def register_resolver() -> None:
     """OmegaConf resolver `${tiny_assets:FIELD}` (model_dir, train_file, test_file, ...): the default
-    build's path, built on first use (cached). configs/cpu_tiny.yaml uses it, so a laptop run needs no
-    paths. Registered by the project's verl plugin."""
+    build's path, built on first use (cached); `${tiny_assets:FIELD,STYLE}` the build with
+    `response_style=STYLE`. configs/cpu_tiny.yaml uses it, so a laptop run needs no paths. Registered by
+    the project's verl plugin."""
     from omegaconf import OmegaConf
 
-    def resolve(field: str) -> str:
+    def resolve(field: str, style: str = "restate") -> str:
         if field not in TinyAssets.__dataclass_fields__:
             raise ValueError(f"${{{RESOLVER}:{field}}}: unknown field; valid: {sorted(TinyAssets.__dataclass_fields__)}")
-        return str(getattr(build_tiny_assets(verbose=True), field))
+        return str(getattr(build_tiny_assets(verbose=True, response_style=style), field))
 
     if not OmegaConf.has_resolver(RESOLVER):
         OmegaConf.register_new_resolver(RESOLVER, resolve)
