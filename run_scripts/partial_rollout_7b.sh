@@ -2,11 +2,14 @@
 # Partial rollout (paper Sec. 5.3, Fig. 12): each response gets at most BUDGET new tokens per policy version;
 # an unfinished response is parked and resumed under later policies. BAPO vs GRPO at budgets 2k and 4k.
 # The paper names neither the model nor the lengths of these runs: R1-Distill-Qwen-7B at 8k (ours).
-# Needs the partial-rollout preset (configs/rollout/partial.yaml, verl trainer mode colocate_budget from
-# recipe/partial/); until it exists this script stops and says so.
+# Uses the partial-rollout preset (configs/rollout/partial.yaml, verl trainer mode colocate_budget from
+# recipe/partial/).
 #
 #   BUDGET=2048 METHOD=bapo run_scripts/partial_rollout_7b.sh [-- hydra overrides]   # BUDGET: 2048 | 4096
 #   DRY_RUN=1 ... checks the config on a laptop; every other setting: run_scripts/lib/launch.sh
+# No staleness cap, as in the paper. A `wait` cap finishes long responses instead of re-prefilling them every
+# version (README, partial-rollout benchmark): -- trainer.v1.sampler.max_off_policy_strategy=wait
+#   trainer.v1.sampler.max_off_policy_threshold=5
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 bapo_parse_args "$@"

@@ -243,3 +243,55 @@ def test_default_cache_root_env(monkeypatch, tmp_path):
     assert ta.default_cache_root() == tmp_path
     monkeypatch.delenv(ta.CACHE_ENV)
     assert ta.default_cache_root() == Path(__file__).resolve().parents[1] / ".cache" / "tiny_assets"
+
+
+# ---------------------------------------------------------------------------------------------- varied phrasings
+
+
+def test_every_varied_phrasing_is_scored_correct_by_the_reward_and_only_with_the_right_answer():
+    from recipe.reward.aime import compute_score
+
+    rng = __import__("random").Random(0)
+    for _ in range(50):
+        problem = ta.sample_problem(rng)
+        phrasings = problem.responses("varied")
+        assert phrasings[0] == problem.response and problem.responses("restate") == (problem.response,)
+        assert len(set(phrasings)) == len(phrasings) == 5
+        for text in phrasings:
+            assert compute_score(ta.DATA_SOURCE, text, str(problem.answer), use_math_verify=False)["score"] == 1.0
+            wrong = text.replace(f"\\boxed{{{problem.answer}}}", f"\\boxed{{{problem.answer + 1}}}")
+            assert compute_score(ta.DATA_SOURCE, wrong, str(problem.answer), use_math_verify=False)["score"] == 0.0
+
+
+def test_varied_expected_accuracy_is_the_sum_over_phrasings(tmp_path):
+    """Against a direct teacher-forced computation: chat prompt + phrasing, HF forward, product of the
+    phrasing's token probabilities, summed over the five phrasings."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    built = ta.build_tiny_assets(tmp_path / "v", seed=3, response_style="varied", **SMALL)
+    assert built.manifest["params"]["response_style"] == "varied"
+    assert built.root.name != ta.TinyAssetsParams(seed=3, **SMALL).key()  # the style is in the cache key
+    tok = AutoTokenizer.from_pretrained(built.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(built.model_dir, dtype=torch.float32).eval()
+    problems = [ta.Problem(7, "*", 8), ta.Problem(9, "-", 2), ta.Problem(3, "+", 4)]
+    expected = []
+    for problem in problems:
+        total = 0.0
+        for text in problem.responses("varied"):
+            prompt = ta.chat_prompt_ids(tok, math_prompt(problem.text))
+            response = tok.encode(text, add_special_tokens=False)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
+            logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+            total += float(torch.exp(logp[torch.arange(len(response)), torch.tensor(response)].sum()))
+        expected.append(total)
+    got = ta.response_probabilities(model, ta._Encoder(tok), problems, style="varied")
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-12)
+    restate = ta.response_probabilities(model, ta._Encoder(tok), problems)
+    assert all(r < g for r, g in zip(restate, got))  # one phrasing is a strict part of the sum
+
+
+def test_an_unknown_response_style_is_rejected_before_building(tmp_path):
+    with pytest.raises(ValueError, match="response_style='free' is invalid; valid: restate, varied"):
+        ta.build_tiny_assets(tmp_path / "x", response_style="free", **SMALL)
+    assert not (tmp_path / "x").exists()
