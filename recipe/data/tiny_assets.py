@@ -186,15 +186,26 @@ class Problem:
         return f"{self.a}{self.op}{self.b}={self.answer} \\boxed{{{self.answer}}}"
 
     def responses(self, style: str) -> tuple[str, ...]:
-        """Warm-start targets of ``style`` (every one ends with the boxed answer; the first is ``response``)."""
+        """Warm-start targets of ``style`` (every one ends with the boxed answer; the first is ``response``;
+        for "scratch", one fixed scratch: the warm start draws a fresh one per example)."""
         if style == "restate":
             return (self.response,)
+        if style == "scratch":
+            rng = random.Random(f"{self.a}{self.op}{self.b}")
+            return (scratch_response(self, "".join(rng.choice(SCRATCH_LETTERS) for _ in range(SCRATCH_LENGTH))),)
         a, op, b, x = self.a, self.op, self.b, self.answer
         return (self.response, f"\\boxed{{{x}}}", f"The answer is \\boxed{{{x}}}",
                 f"{a}{op}{b} gives {x}, so \\boxed{{{x}}}", f"So {x}. \\boxed{{{x}}}")
 
 
-RESPONSE_STYLES = ("restate", "varied")
+RESPONSE_STYLES = ("restate", "varied", "scratch")
+# "scratch": SCRATCH_LENGTH letters drawn uniformly and independently, then the boxed answer: free tokens the
+# reward ignores (like the many inconsequential forking tokens of a reasoning trace), ~3.3 nats each
+SCRATCH_LETTERS, SCRATCH_LENGTH = "abcdefghijklmnopqrstuvwxyz", 6
+
+
+def scratch_response(problem: Problem, letters: str) -> str:
+    return f"{letters} \\boxed{{{problem.answer}}}"
 
 
 def derive_seed(seed: int, stream: str) -> int:
@@ -342,17 +353,19 @@ class _Encoder:
 
 
 def _teacher_forced_batch(enc: _Encoder, problems: list[Problem], bare: bool, with_eos: bool,
-                          style: str = "restate", variants: list[int] | None = None):
-    """Right-padded (input_ids, attention_mask, labels); labels are -100 outside the response.
-    ``variants[i]``: which of ``problems[i].responses(style)`` is the target (default the first)."""
+                          style: str = "restate", variants: list[int] | None = None,
+                          targets: list[list[int]] | None = None, unscored_prefix: int = 0):
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 outside the response and on its
+    first ``unscored_prefix`` tokens. ``variants[i]``: which of ``problems[i].responses(style)`` is the
+    target (default the first); ``targets``: explicit response ids instead."""
     import torch
 
     seqs, labels = [], []
     for i, p in enumerate(problems):
-        target = enc.response(p, style, variants[i] if variants else 0)
+        target = targets[i] if targets is not None else enc.response(p, style, variants[i] if variants else 0)
         prompt, resp = enc.prompt(p, bare), target + ([enc.eos_id] if with_eos else [])
         seqs.append(prompt + resp)
-        labels.append([-100] * len(prompt) + resp)
+        labels.append([-100] * (len(prompt) + unscored_prefix) + resp[unscored_prefix:])
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), enc.pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -367,7 +380,8 @@ def _teacher_forced_batch(enc: _Encoder, problems: list[Problem], bare: bool, wi
 def response_probabilities(model, enc: _Encoder, problems: list[Problem], bare: bool = False,
                            batch_size: int = 256, style: str = "restate") -> list[float]:
     """Teacher-forced probability of each problem's full target response (eos excluded); for several
-    phrasings (``style``), the sum over them (each is a correct answer: still a lower bound of accuracy)."""
+    phrasings (``style``), the sum over them (each is a correct answer: still a lower bound of accuracy);
+    for "scratch", of the boxed answer given the problem's fixed scratch (the scratch tokens are free)."""
     count = len(problems[0].responses(style)) if problems else 1
     if count > 1:
         per_variant = [_response_probabilities(model, enc, problems, bare, batch_size, style, v) for v in range(count)]
@@ -384,7 +398,8 @@ def _response_probabilities(model, enc, problems, bare, batch_size, style, varia
     with torch.no_grad():
         for start in range(0, len(problems), batch_size):
             chunk = problems[start : start + batch_size]
-            ids, mask, lab = _teacher_forced_batch(enc, chunk, bare, False, style, [variant] * len(chunk))
+            ids, mask, lab = _teacher_forced_batch(enc, chunk, bare, False, style, [variant] * len(chunk),
+                                                   unscored_prefix=SCRATCH_LENGTH if style == "scratch" else 0)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             target = lab[:, 1:]
             logp = torch.log_softmax(logits, dim=-1)
@@ -418,7 +433,11 @@ def warm_start(model, enc: _Encoder, params: TinyAssetsParams, val: list[Problem
                 group["lr"] = params.lr * min(1.0, step / max(1, params.warmup_steps))
             batch = [sample_problem(rng, params.max_operand) for _ in range(params.batch_size)]
             variants = [style_rng.randrange(n_styles) for _ in batch] if n_styles > 1 else None
-            ids, mask, lab = _teacher_forced_batch(enc, batch, bare, True, params.response_style, variants)
+            targets = None
+            if params.response_style == "scratch":
+                letters = ["".join(style_rng.choice(SCRATCH_LETTERS) for _ in range(SCRATCH_LENGTH)) for _ in batch]
+                targets = [enc.tok.encode(scratch_response(p, w), add_special_tokens=False) for p, w in zip(batch, letters)]
+            ids, mask, lab = _teacher_forced_batch(enc, batch, bare, True, params.response_style, variants, targets)
             loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
