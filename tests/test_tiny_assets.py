@@ -295,3 +295,27 @@ def test_an_unknown_response_style_is_rejected_before_building(tmp_path):
     with pytest.raises(ValueError, match="response_style='free' is invalid; valid: restate, varied"):
         ta.build_tiny_assets(tmp_path / "x", response_style="free", **SMALL)
     assert not (tmp_path / "x").exists()
+
+
+def test_scratch_expected_accuracy_scores_the_answer_given_the_fixed_scratch(tmp_path):
+    """Direct computation: P(" \\boxed{x}" tokens | prompt + the problem's fixed scratch letters)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    built = ta.build_tiny_assets(tmp_path / "s", seed=3, response_style="scratch", **SMALL)
+    tok = AutoTokenizer.from_pretrained(built.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(built.model_dir, dtype=torch.float32).eval()
+    problems = [ta.Problem(7, "*", 8), ta.Problem(9, "-", 2)]
+    expected = []
+    for problem in problems:
+        (text,) = problem.responses("scratch")
+        letters, answer = text.split(" ", 1)
+        assert len(letters) == ta.SCRATCH_LENGTH and letters.isalpha() and answer == f"\\boxed{{{problem.answer}}}"
+        prompt = ta.chat_prompt_ids(tok, math_prompt(problem.text)) + tok.encode(letters, add_special_tokens=False)
+        suffix = tok.encode(" " + answer, add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + suffix])).logits[0].float()
+        logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+        expected.append(float(torch.exp(logp[torch.arange(len(suffix)), torch.tensor(suffix)].sum())))
+    got = ta.response_probabilities(model, ta._Encoder(tok), problems, style="scratch")
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-12)
+    assert problems[0].responses("scratch") == ta.Problem(7, "*", 8).responses("scratch")  # fixed per problem
