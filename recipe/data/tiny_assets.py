@@ -10,7 +10,14 @@ parquet splits. Nothing is downloaded.
 
 Problems: "Compute a+b." / "a-b" (a >= b) / "a*b" with single-digit operands (integer answers 0..81).
 The user message is the paper's `math_prompt(problem)` (problem + "Please reason step by step, and put
-your final answer within \\boxed{}."); the warm-start target response is "7*8=56 \\boxed{56}" + eos.
+your final answer within \\boxed{}."); the warm-start target response (`response_style`) is
+  * "restate" (default): "7*8=56 \\boxed{56}" + eos;
+  * "varied": one of five phrasings per example ("7*8=56 \\boxed{56}", "\\boxed{56}", "The answer is
+    \\boxed{56}", "7*8 gives 56, so \\boxed{56}", "So 56. \\boxed{56}"): entropy over how to answer;
+  * "scratch": six letters drawn uniformly per example, then the boxed answer ("qzkfia \\boxed{56}"):
+    free tokens the reward ignores, like the inconsequential forking tokens of a reasoning trace.
+The stress regimes (configs/regime/cpu_stress_{varied,scratch}.yaml) use the last two; every style is its own
+build (the style is part of the cache key; `${tiny_assets:FIELD,STYLE}` in configs).
 
 Tokenizer: transformers 5 always builds `Qwen2Tokenizer` for model_type=qwen2, and verl's agent loop
 needs "\\n" to be one token. A byte-level `Qwen2Tokenizer` (the 256 byte symbols, no merges) with the
@@ -24,7 +31,8 @@ through the 72-token instruction quickly, so training runs in two phases:
   2. the real prompts (`math_prompt`) until the expected accuracy on the validation sample first
      reaches `target_accuracy`.
 "Expected accuracy" is the mean teacher-forced probability of the whole target response (without
-eos) over a fixed validation sample: exact and free of sampling noise, so the stopping step is
+eos; summed over the phrasings for "varied"; of the answer given a fixed scratch for "scratch") over a
+fixed validation sample: exact and free of sampling noise, so the stopping step is
 deterministic, and a lower bound of temperature-1 sampled accuracy. Stopping on it (rather than after
 a fixed step count) put the model in the intended band for every seed tried (seeds 0-5: sampled test
 accuracy 0.29-0.45). The build then reports the *sampled* accuracy (temperature 1, top_p 1, no top-k)
