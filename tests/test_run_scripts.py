@@ -14,17 +14,24 @@ import pytest
 from run_scripts_helpers import CASES, PARTIAL_PRESET, ROOT, SCRIPTS, case_id, make_data_dir, printed_runs, run_script, \
     script_env
 
+# Appends one call (one argument per line, an empty line after) to $FAKE_LOG under a mkdir lock: bash's
+# printf writes line by line, so two fakes running at once (slurm.sbatch's background sruns) interleaved.
+RECORD = """record() {
+  until mkdir "$FAKE_LOG.lock" 2>/dev/null; do :; done
+  printf '%s\\n\\n' "$(printf '%s\\n' "$@")" >> "$FAKE_LOG"
+  rmdir "$FAKE_LOG.lock"
+}
+"""
 FAKE_PYTHON = """#!/usr/bin/env bash
-# records `python -m MODULE ARGS` (one argument per line, an empty line after; one write, so concurrent
-# fakes do not interleave), runs anything else for real
-if [[ "$1" == -m ]]; then printf '%s\\n\\n' "$(printf '%s\\n' "$@")" >> "$FAKE_LOG"; exit 0; fi
+# records `python -m MODULE ARGS`, runs anything else for real
+""" + RECORD + """if [[ "$1" == -m ]]; then record "$@"; exit 0; fi
 [[ "$*" == "-c import vllm" || "$*" == "-c import flash_attn" ]] && exit 0
 exec {real} "$@"
 """
 FAKE_RAY = """#!/usr/bin/env bash
 # `ray status` reports the GPUs FAKE_GPUS; anything else is recorded like the fake python
-if [[ "$1" == status ]]; then echo " 0.0/${FAKE_GPUS:-16}.0 GPU"; exit 0; fi
-printf '%s\\n\\n' "$(printf '%s\\n' ray "$@")" >> "$FAKE_LOG"
+""" + RECORD + """if [[ "$1" == status ]]; then echo " 0.0/${FAKE_GPUS:-16}.0 GPU"; exit 0; fi
+record ray "$@"
 """
 NVIDIA_SMI = "#!/usr/bin/env bash\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n"
 
@@ -40,7 +47,7 @@ def fakes(tmp_path):
     """A folder of fake commands (python, ray, ...) and the log they append to."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    _fake(bin_dir / "python", FAKE_PYTHON.format(real=sys.executable))
+    _fake(bin_dir / "python", FAKE_PYTHON.replace("{real}", sys.executable))
     _fake(bin_dir / "ray", FAKE_RAY)
     _fake(bin_dir / "nvidia-smi", NVIDIA_SMI)
     make_data_dir(tmp_path / "data")
@@ -161,8 +168,8 @@ def test_slurm_launcher_starts_ray_and_submits_the_run(fakes, tmp_path):
     has all GPUs: the GPU-wait failed it.)"""
     bin_dir, log = fakes
     _fake(bin_dir / "scontrol", "#!/usr/bin/env bash\nprintf 'node-a\\nnode-b\\n'\n")
-    _fake(bin_dir / "srun", '#!/usr/bin/env bash\n[[ " $* " == *" hostname "* ]] && { echo 10.1.2.3; exit 0; }\n'
-                            'printf "%s\\n\\n" "$(printf "%s\\n" srun "$@")" >> "$FAKE_LOG"\n')
+    _fake(bin_dir / "srun", '#!/usr/bin/env bash\n' + RECORD + '[[ " $* " == *" hostname "* ]] && { echo 10.1.2.3; exit 0; }\n'
+                            'record srun "$@"\n')
     env = script_env(tmp_path, PYTHON=str(bin_dir / "python"), FAKE_LOG=str(log), EVAL="0", SCRIPT="run_scripts/r1_32b.sh",
                      SLURM_JOB_NODELIST="node-[a-b]", SLURM_SUBMIT_DIR=str(ROOT), FAKE_GPUS="16")
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
