@@ -1,14 +1,15 @@
 """`make demo`: BAPO vs the GRPO baseline through the real verl trainer on a laptop CPU, in the calibrated
-off-policy regime of the multi-seed study (docs/study_cpu_staleness/).
+off-policy regime of the multi-seed study (docs/study_cpu_epochs/).
 
 1. builds (or reuses) the tiny warm-started model and its synthetic AIME-format data;
-2. trains BAPO: `python -m recipe.bapo.main_bapo --config-name cpu_tiny +regime=cpu_stress` at staleness 8
-   (8 optimizer updates per rollout batch; the exact command is in <run>/bapo-s8-seed0/command.sh);
+2. trains BAPO: `python -m recipe.bapo.main_bapo --config-name cpu_tiny +regime=cpu_stress` at staleness 8e4
+   (8 optimizer updates per rollout batch: 4 epochs over 2 mini-batches, the level at which the GRPO
+   baseline clips like the paper's; the exact command is in <run>/bapo-s8e4-seed0/command.sh);
 3. trains the GRPO baseline at identical settings: verl's vanilla PPO loss with clip [0.8, 1.2]
    (clip_ratio_low = clip_ratio_high = 0.2) and verl's grpo advantages; side by side with BAPO
    (two trainer processes, each with its own local Ray instance) unless --sequential;
 4. prints each run's step, score and elapsed time while they train, and writes a run folder:
-   <run>/{bapo,grpo}-s8-seed0/ (sweep run folders: metrics.jsonl, train.attempt0.log, run.json,
+   <run>/{bapo,grpo}-s8e4-seed0/ (sweep run folders: metrics.jsonl, train.attempt0.log, run.json,
    command.sh, config.yaml), <run>/comparison.png and <run>/summary.md.
 
     python -m recipe.demo [--steps 30] [--seed 0] [--out runs/demo-<time>] [--only bapo|grpo] [--sequential] [-- extra overrides]
@@ -27,7 +28,8 @@ from recipe.sweep.launch import compose, prepare, run_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["bapo", "grpo"]
-STALENESS = "8"
+# 4 epochs x 2 mini-batches: the calibrated level (docs/study_cpu_epochs/); 8 mini-batches x 1 epoch clips 2x less
+STALENESS = "8e4"
 REGIME = ["+regime=cpu_stress"]
 
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = run_folders(folders, jobs=1 if args.sequential else len(folders), progress_every=10.0)
     if failed:
         raise SystemExit(f"[demo] failed: {', '.join(failed)} (see train.attempt*.log in their folders)")
-    summary = write_report(folders, run_dir, title="BAPO vs GRPO on the tiny CPU task, calibrated off-policy regime (staleness 8)")
+    summary = write_report(folders, run_dir, title="BAPO vs GRPO on the tiny CPU task, calibrated off-policy regime (staleness 8e4)")
     print(f"[demo] finished in {time.perf_counter() - start:.0f}s")
     print(f"[demo] plot:    {run_dir / 'comparison.png'}")
     print(f"[demo] summary: {summary}")
