@@ -1,9 +1,9 @@
 """`make demo`: BAPO vs the GRPO baseline through the real verl trainer on a laptop CPU, in the calibrated
-off-policy regime of the multi-seed study (docs/study_cpu_epochs/).
+off-policy regime of the multi-seed study (docs/study_cpu_g8/).
 
 1. builds (or reuses) the tiny warm-started model and its synthetic AIME-format data;
-2. trains BAPO for 15 steps (the study's first half): `python -m recipe.bapo.main_bapo --config-name cpu_tiny
-   +regime=cpu_stress trainer.total_training_steps=15` at staleness 8e4
+2. trains BAPO for 20 steps (a run of the study): `python -m recipe.bapo.main_bapo --config-name cpu_tiny
+   +regime=cpu_stress_g8` at staleness 8e4
    (8 optimizer updates per rollout batch: 4 epochs over 2 mini-batches, the level at which the GRPO
    baseline clips like the paper's; the exact command is in <run>/bapo-s8e4-seed0/command.sh);
 3. trains the GRPO baseline at identical settings: verl's vanilla PPO loss with clip [0.8, 1.2]
@@ -13,7 +13,7 @@ off-policy regime of the multi-seed study (docs/study_cpu_epochs/).
    <run>/{bapo,grpo}-s8e4-seed0/ (sweep run folders: metrics.jsonl, train.attempt0.log, run.json,
    command.sh, config.yaml), <run>/comparison.png and <run>/summary.md.
 
-    python -m recipe.demo [--steps 15] [--seed 0] [--out runs/demo-<time>] [--only bapo|grpo] [--sequential] [-- extra overrides]
+    python -m recipe.demo [--steps 20] [--seed 0] [--out runs/demo-<time>] [--only bapo|grpo] [--sequential] [-- extra overrides]
 """
 
 from __future__ import annotations
@@ -31,15 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["bapo", "grpo"]
 # 4 epochs x 2 mini-batches: the calibrated level (docs/study_cpu_epochs/); 8 mini-batches x 1 epoch clips 2x less
 STALENESS = "8e4"
-REGIME = ["+regime=cpu_stress"]
-# the regime's 30 steps take ~450 s side by side at 8e4 on 2 cores (4x the update work of 8 x 1 epoch); 15 steps
-# keep `make demo` near its 5-minute budget and still cover the study's early loss of validation accuracy
-DEMO_STEPS = 15
+# groups of 8 responses over 8 prompts, 20 steps (docs/study_cpu_g8/): GRPO clips in the paper's range here
+REGIME = ["+regime=cpu_stress_g8"]
+DEMO_STEPS = 20
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipe.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps per run (default {DEMO_STEPS}; the study's: 30)")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps per run (default {DEMO_STEPS}, as the study's runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="run folder (default runs/demo-<time>)")
     parser.add_argument("--only", choices=METHODS, default=None, help="train one of the two runs")
