@@ -1,6 +1,7 @@
 """`python -m recipe.sweep`: the grid's overrides and errors, and (marked trainer) a tiny grid through the
 real CPU trainer: an interrupted run resumes from its checkpoint with every step once in its merged
-metrics, a finished run is skipped; seeds fix verl's data order (checked on verl's own sampler)."""
+metrics, a finished run is skipped; seeds fix verl's data order (checked on verl's own sampler); every
+configs/regime/ file at the studies' staleness levels passes verl's driver-side validate_config."""
 
 from __future__ import annotations
 
@@ -41,6 +42,26 @@ def test_methods_and_seeds():
     with pytest.raises(ValueError, match="0 < LOW < 1 < HIGH"):
         method_overrides("clip:1.2,0.8")
     assert len({r.name for r in expand(["bapo", "grpo"], ["1", "8"], [0, 3], 16)}) == 2 * 2 * 2
+
+
+REGIMES = sorted(path.stem for path in (ROOT / "configs" / "regime").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_every_regime_gives_configs_verl_accepts_at_the_study_levels(regime):
+    """Each documented regime, at the studies' staleness levels, passes verl's driver-side validate_config
+    (batch / mini-batch / micro-batch divisibility) and trains the level's number of updates per rollout batch."""
+    from verl.utils.config import validate_config
+
+    from recipe.sweep.launch import compose
+
+    extra = [f"+regime={regime}"]
+    batch = int(compose("cpu_tiny", extra).data.train_batch_size)
+    for spec in expand(["bapo", "grpo"], ["1", "4e2", "8e4"], [0], batch, {"": extra}):
+        config = compose("cpu_tiny", list(spec.overrides))
+        validate_config(config, use_reference_policy=False, use_critic=False)
+        actor = config.actor_rollout_ref.actor
+        assert actor.ppo_epochs * config.data.train_batch_size // actor.ppo_mini_batch_size == int(spec.staleness.split("e")[0])
 
 
 def seed_entries(node, path=""):
