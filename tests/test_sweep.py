@@ -50,7 +50,7 @@ REGIMES = sorted(path.stem for path in (ROOT / "configs" / "regime").glob("*.yam
 @pytest.mark.parametrize("regime", REGIMES)
 def test_every_regime_gives_configs_verl_accepts_at_the_study_levels(regime):
     """Each documented regime, at the studies' staleness levels, passes verl's driver-side validate_config
-    (batch / mini-batch / micro-batch divisibility) and trains the level's number of updates per rollout batch."""
+    (batch sizes against the ranks, mini-batch against train batch) and trains the level's updates per rollout batch."""
     from verl.utils.config import validate_config
 
     from recipe.sweep.launch import compose
