@@ -14,10 +14,10 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from . import memory as mem
 from .checks import Geometry
+from .memory import GIB
 from .model import ModelFacts
-
-GIB = 1024**3
 
 
 def _env(name: str, default: float) -> float:
@@ -116,26 +116,25 @@ def make_plan(cfg, g: Geometry, m: ModelFacts) -> Plan:
     # memory per GPU (bytes)
     if actor.strategy == "megatron":
         engine, mp = actor.megatron, actor.megatron.tensor_model_parallel_size * actor.megatron.pipeline_model_parallel_size
-        states = 8 * P / mp + 8 * P / g.n_gpus
+        states = mem.megatron_model_states(P, mp, g.n_gpus)
         states_formula = f"8 B * P / (TP*PP = {mp}) + 8 B * P / GPUs (Megatron, distributed optimizer; I)"
     else:
         engine = actor.fsdp_config
         F = engine.fsdp_size if engine.get("fsdp_size", -1) > 0 else g.n_gpus
-        states = 16 * P / F
+        states = mem.fsdp_model_states(P, F)
         states_formula = f"16 B * P / FSDP group ({F})"
     offload = bool(engine.get("param_offload", False) or engine.get("optimizer_offload", False))
     policy_offload = bool(engine.get("offload_policy", False))
-    gathered = 2 * 2 * m.largest_layer_params
+    gathered = mem.gathered_layers(m.largest_layer_params)
     H, L, I, V = m.hidden_size, m.num_layers, m.intermediate_size, m.vocab_size
     ckpt = cfg.actor_rollout_ref.model.enable_gradient_checkpointing
-    layer_work = t_gpu * (6 * H + 3 * I) * 2
-    acts = L * t_gpu * H * 2 + layer_work if ckpt else L * layer_work
-    logits = t_gpu * V * (2 + 4 + 4)
+    acts = mem.activations(t_gpu, H, I, L, ckpt)
+    logits = mem.logits(t_gpu, V)
     train_peak = (0 if policy_offload else states) + gathered + acts + logits
     tp = ro.tensor_model_parallel_size
-    vllm_weights = 2 * P / tp
-    kv_per_token = 2 * L * math.ceil(m.num_kv_heads / tp) * m.head_dim * 2
-    kv_room = max(0.0, ro.gpu_memory_utilization * gpu_gib * GIB - vllm_weights - 2 * GIB)
+    vllm_weights = mem.vllm_weights(P, tp)
+    kv_per_token = mem.kv_per_token(L, m.num_kv_heads, m.head_dim, tp)
+    kv_room = mem.kv_room(ro.gpu_memory_utilization, gpu_gib * GIB, vllm_weights)
     kv_tokens = int(kv_room // kv_per_token)
     resident = 0 if (engine.get("param_offload", False) and engine.get("optimizer_offload", False)) or policy_offload \
         else states
