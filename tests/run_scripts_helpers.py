@@ -16,6 +16,10 @@ CASES = [
     *[("r1_7b_8k_staleness8.sh", {"METHOD": m}) for m in ("bapo", "grpo", "clip_higher", "clip_0.8_1.5", "clip_0.5_1.2")],
     ("r1_7b_32k_staleness_sweep.sh", {}),  # the whole grid (six runs)
     *[("r1_32b.sh", {"LENGTH": length, "METHOD": m}) for length in ("32k", "64k") for m in ("bapo", "grpo")],
+    # the Megatron layouts (STRATEGY=megatron): BAPO and its GRPO baseline at each size
+    *[("r1_7b_8k_staleness8.sh", {"METHOD": m, "STRATEGY": "megatron"}) for m in ("bapo", "grpo")],
+    *[("r1_32b.sh", {"LENGTH": length, "METHOD": m, "STRATEGY": "megatron"}) for length in ("32k", "64k")
+      for m in ("bapo", "grpo")],
     *[("octothinker_3b.sh", {"METHOD": m}) for m in ("bapo", "grpo")],
     ("authors_example.sh", {}),
     ("smoke_gpu.sh", {}),  # BAPO and GRPO
@@ -39,7 +43,7 @@ def make_data_dir(root: Path) -> Path:
 
 
 def script_env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "DRY_RUN", "LAUNCH", "METHOD", "LENGTH"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "DRY_RUN", "LAUNCH", "METHOD", "LENGTH", "STRATEGY"))}
     env.update(DATA=str(tmp / "data"), CKPT=str(tmp / "ckpt"), LOGS=str(tmp / "logs"), RUN_ID="test",
                PYTHON=str(ROOT / ".venv" / "bin" / "python"), HF_HUB_OFFLINE="1")
     env.update(extra)

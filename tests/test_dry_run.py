@@ -255,11 +255,98 @@ def test_eval_aime_gpu_command_passes_the_dry_run(tmp, tmp_path):
     assert result.config.actor_rollout_ref.rollout.val_kwargs.n == 16 and result.plan.rollout_tp == 4
 
 
-def test_megatron_config_is_planned_too(runs_32b):
-    """`model_engine=megatron` (not used by the scripts) gets DP = GPUs / (TP * PP * CP) and a plan."""
-    args = [a for a in runs_32b[1] if "ulysses" not in a and "strategy=" not in a]
-    result = dry_run([*args, "model_engine=megatron", A + "actor.megatron.tensor_model_parallel_size=2"])
-    assert result.plan.dp == 8 // 2 and result.config.actor_rollout_ref.actor.strategy == "megatron"
+# ---------------------------------------------------------------------------------------------- Megatron
+
+@pytest.fixture(scope="module")
+def runs_megatron(tmp):
+    """STRATEGY=megatron: the 7B 8k BAPO run (TP 2, PP 2, VPP 2) and the 32B 32k one (TP 8, CP 2)."""
+    return {"7bm": printed_runs("r1_7b_8k_staleness8.sh", script_env(tmp, METHOD="bapo", STRATEGY="megatron"))[0],
+            "32bm": printed_runs("r1_32b.sh", script_env(tmp, LENGTH="32k", METHOD="bapo", STRATEGY="megatron"))[0]}
+
+
+M = A + "actor.megatron."
+FIXED_7B = [A + "actor.use_dynamic_bsz=False", A + "rollout.log_prob_use_dynamic_bsz=False"]
+# (what is broken, base run, overrides, key the message must name, words it must contain); each fails only after
+# the cluster started (megatron-core or verl's Megatron engine), see recipe/dry_run/megatron.py for the sources
+BROKEN_MEGATRON = [
+    ("TP x PP x CP does not divide the GPUs", "32bm", ["trainer.nnodes=3"], M + "tensor_model_parallel_size * pipeline * context", "GPU count"),
+    ("TP does not divide the attention heads", "32bm", [M + "tensor_model_parallel_size=16"], M + "tensor_model_parallel_size", "40 attention heads"),
+    ("TP vs the KV heads (query groups)", "7bm", [M + "tensor_model_parallel_size=7", "trainer.n_gpus_per_node=14"], M + "tensor_model_parallel_size", "4 KV heads"),
+    ("PP does not divide the layers", "7bm", [M + "pipeline_model_parallel_size=3", "trainer.n_gpus_per_node=6"], M + "pipeline_model_parallel_size", "28 layers"),
+    ("VPP does not divide a stage's layers", "7bm", [M + "virtual_pipeline_model_parallel_size=3"], M + "virtual_pipeline_model_parallel_size", "14 layers of each pipeline stage"),
+    ("VPP without PP", "32bm", [M + "virtual_pipeline_model_parallel_size=2"], M + "virtual_pipeline_model_parallel_size", "pipeline_model_parallel_size > 1"),
+    ("EP on a dense model", "32bm", [M + "expert_model_parallel_size=2"], M + "expert_model_parallel_size", "no experts"),
+    ("CP without packed sequences", "32bm", [A + "model.use_remove_padding=False"], A + "model.use_remove_padding", "packed"),
+    ("token limit x CP below prompt + response", "32bm", [A + "actor.ppo_max_token_len_per_gpu=8192"], A + "actor.ppo_max_token_len_per_gpu", "CP) must be >= max_prompt_length + max_response_length = 32768"),
+    ("VPP: update micro-batches not a multiple of the group", "7bm", [*FIXED_7B, A + "actor.ppo_micro_batch_size_per_gpu=512", A + "rollout.log_prob_micro_batch_size_per_gpu=16"], A + "actor.ppo_micro_batch_size_per_gpu", "= 1 micro-batches, not a multiple of microbatch_group_size_per_vp_stage=2"),
+    ("VPP: log-prob micro-batches not a multiple of the group", "7bm", [*FIXED_7B, A + "actor.ppo_micro_batch_size_per_gpu=16", A + "rollout.log_prob_micro_batch_size_per_gpu=2048"], A + "rollout.log_prob_micro_batch_size_per_gpu", "old-log-prob pass"),
+    ("VPP: micro-batch group below PP", "7bm", [f"+{M}override_transformer_config.microbatch_group_size_per_vp_stage=1"], M + "override_transformer_config.microbatch_group_size_per_vp_stage", ">= pipeline_model_parallel_size=2"),
+    ("BAPO with dynamic context parallel", "32bm", [M + "dynamic_context_parallel=True", M + "max_seqlen_per_dp_cp_rank=32768"], M + "dynamic_context_parallel", "bapo loss"),
+    ("no bridge (verl's engine asserts use_mbridge)", "7bm", [M + "use_mbridge=False"], M + "use_mbridge", "asserts"),
+]
+
+
+@pytest.mark.parametrize("what, base, overrides, key, words", BROKEN_MEGATRON, ids=[b[0] for b in BROKEN_MEGATRON])
+def test_broken_megatron_config_is_rejected_naming_the_key(what, base, overrides, key, words, runs_megatron):
+    """Each Megatron layout would fail after the cluster started; the dry run refuses it, naming the key.
+    (Each check was disabled once by returning [] from its function in megatron.py: its rows failed.)"""
+    with pytest.raises(DryRunError) as err:
+        dry_run([*runs_megatron[base], *overrides])
+    matching = [line for line in str(err.value).splitlines() if key in line]
+    assert matching, f"{key} not named in:\n{err.value}"
+    assert any(words in line for line in matching), f"{words!r} not in: {matching}"
+
+
+def test_dynamic_context_parallel_is_refused_for_bapo_only(tmp, runs_megatron):
+    """The refusal is BAPO's (its per-update search needs every rank's log-probs), not the baseline's."""
+    grpo = printed_runs("r1_32b.sh", script_env(tmp, LENGTH="32k", METHOD="grpo", STRATEGY="megatron"))[0]
+    dry_run([*grpo, M + "dynamic_context_parallel=True", M + "max_seqlen_per_dp_cp_rank=32768"])
+
+
+def test_megatron_32b_plan_matches_hand_computation(runs_megatron):
+    """32B, 4 x 8 GPUs, TP 8, PP 1, CP 2, distributed optimizer, params and optimizer offloaded, full recompute,
+    16384 tokens per GPU: every Megatron memory term by hand (bytes, then GiB)."""
+    result = dry_run(runs_megatron["32bm"])
+    p = result.plan
+    P, V, H, I, L, T = 32_763_876_352, 152_064, 5_120, 27_648, 64, 16_384
+    assert (p.dp, p.sp) == (32 // (8 * 1 * 2), 2)
+    assert p.seqs_per_update_per_rank == 64 * 16 // 2 == 512
+    assert p.micro_batches_per_update == 512 * 32_768 // (16_384 * 2)  # CP 2 carries 2 x 16384 tokens per micro-batch
+    p_gpu = P / 8  # PP 1: every layer and both embedding tables, split by TP 8
+    params_grads, optimizer = (2 + 4) * p_gpu, 12 * p_gpu / (2 * 2)  # Adam states over DP 2 x CP 2
+    acts = (L * T * H * 2 + T * (6 * H + 3 * I) * 2) / 8  # a checkpoint per layer + one layer recomputed, / TP
+    logits = T * V / 8 * (2 + 4 + 4)
+    assert p.memory_gib["model states"] == pytest.approx((params_grads + optimizer) / GIB)
+    assert p.memory_gib["activations"] == pytest.approx(acts / GIB)
+    assert p.memory_gib["logits"] == pytest.approx(logits / GIB)
+    assert p.memory_gib["train peak"] == pytest.approx((params_grads + optimizer + acts + logits) / GIB)
+    assert p.memory_gib["rollout phase total"] == pytest.approx(0.8 * 80)  # both offloaded: nothing resident
+    text = p.text()
+    assert "actor DP = GPUs / (TP*PP*CP) = 32 / (8*1*2) = 2" in text and "(DP*CP = 4)" in text
+    assert f"{params_grads * 8 / GIB + optimizer * 8 / GIB:.0f} GiB per node" in text
+    assert result.warnings == []
+
+
+def test_megatron_7b_pipeline_plan_matches_hand_computation(runs_megatron):
+    """7B, 8 GPUs, TP 2, PP 2, VPP 2: the busiest stage holds half the layers and one embedding table, and 1F1B
+    with interleaving keeps 28 * (1 + 1/4) = 35 layers' checkpoints in flight; optimizer offloaded only."""
+    p = dry_run(runs_megatron["7bm"]).plan
+    P, V, H, I, T = 7_615_616_512, 152_064, 3_584, 18_944, 18_432
+    p_gpu = (P - 2 * V * H) / (2 * 2) + V * H / 2
+    params_grads, optimizer = 6 * p_gpu, 12 * p_gpu / 2  # DP 2 x CP 1
+    acts = (35 * T * H * 2 + T * (6 * H + 3 * I) * 2) / 2
+    assert p.dp == 2
+    assert p.memory_gib["model states"] == pytest.approx((params_grads + optimizer) / GIB)
+    assert p.memory_gib["activations"] == pytest.approx(acts / GIB)
+    assert p.memory_gib["rollout phase total"] == pytest.approx(params_grads / GIB + 0.6 * 80)  # params+grads resident
+
+
+def test_megatron_without_recompute_warns(runs_megatron):
+    """FSDP's enable_gradient_checkpointing means nothing to Megatron: without a recompute setting, a warning."""
+    args = [a for a in runs_megatron["7bm"] if "recompute" not in a]
+    result = dry_run(args)
+    assert any("recompute_granularity" in w.key for w in result.warnings)
+    assert result.plan.memory_gib["activations"] > 10  # every layer's working set in flight
 
 
 def test_memory_over_the_gpu_is_a_warning(runs_32b, monkeypatch):

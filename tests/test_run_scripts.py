@@ -98,12 +98,13 @@ def _settings(args: list[str]) -> dict[str, str]:
     return dict(a.split("=", 1) for a in args)
 
 
-def test_baselines_differ_from_bapo_only_in_the_loss(tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp2", "megatron"])
+def test_baselines_differ_from_bapo_only_in_the_loss(strategy, tmp_path):
     """GRPO, clip-higher and the fixed asymmetric clips change only the policy-loss preset, verl's clip keys and
-    the advantage-estimator name; STRICT_AB=1 turns verl's dual clip off. (Broken by giving the grpo method its
-    own learning rate: failed.)"""
+    the advantage-estimator name, under either engine; STRICT_AB=1 turns verl's dual clip off. (Broken by giving
+    the grpo method its own learning rate: failed.)"""
     make_data_dir(tmp_path / "data")
-    runs = {m: _settings(printed_runs("r1_7b_8k_staleness8.sh", script_env(tmp_path, METHOD=m))[0])
+    runs = {m: _settings(printed_runs("r1_7b_8k_staleness8.sh", script_env(tmp_path, METHOD=m, STRATEGY=strategy))[0])
             for m in ("bapo", "grpo", "clip_higher", "clip_0.8_1.5", "clip_0.5_1.2")}
     loss_keys = {"policy_loss@actor_rollout_ref.actor.policy_loss", "algorithm.adv_estimator", "trainer.experiment_name",
                  "trainer.default_local_dir", "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH"}
@@ -122,6 +123,20 @@ def test_baselines_differ_from_bapo_only_in_the_loss(tmp_path):
                        "clip_0.5_1.2": (0.5, 1.2)}
     strict = _settings(printed_runs("r1_7b_8k_staleness8.sh", script_env(tmp_path, METHOD="grpo", STRICT_AB="1"))[0])
     assert float(strict["actor_rollout_ref.actor.clip_ratio_c"]) >= 1e9
+
+
+def test_megatron_is_offered_only_where_a_script_has_a_layout(tmp_path):
+    """STRATEGY=megatron swaps verl's engine group and names the run apart (its checkpoints are not FSDP's);
+    scripts without a Megatron layout refuse it, naming the valid engines."""
+    make_data_dir(tmp_path / "data")
+    fsdp = _settings(printed_runs("r1_32b.sh", script_env(tmp_path, LENGTH="64k"))[0])
+    megatron = _settings(printed_runs("r1_32b.sh", script_env(tmp_path, LENGTH="64k", STRATEGY="megatron"))[0])
+    assert megatron["model_engine"] == "megatron" and "actor_rollout_ref.actor.strategy" not in megatron
+    assert fsdp["actor_rollout_ref.actor.strategy"] == "fsdp2" and "model_engine" not in fsdp
+    assert megatron["trainer.experiment_name"] == fsdp["trainer.experiment_name"] + "-megatron"
+    assert not [k for k in megatron if "fsdp_config" in k or "ulysses" in k]
+    proc = run_script("octothinker_3b.sh", script_env(tmp_path, STRATEGY="megatron"), check=False)
+    assert proc.returncode == 2 and "STRATEGY=megatron: valid for octothinker_3b.sh: fsdp2" in proc.stderr
 
 
 def test_staleness_sweep_covers_figure_11(tmp_path):

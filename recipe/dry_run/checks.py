@@ -35,8 +35,9 @@ def sel(cfg: DictConfig, key: str, default=None):
 
 @dataclass(frozen=True)
 class Geometry:
-    """Sizes every check and the plan derive from the config. FSDP: DP = GPUs / Ulysses sp. Megatron (not used
-    by the run scripts): `sp` holds TP * PP * CP, so DP is right but the token arithmetic is approximate."""
+    """Sizes every check and the plan derive from the config. `sp` splits one micro-batch's tokens over GPUs
+    (FSDP: Ulysses sp; Megatron: CP, the factor verl gives its token limit, workers/engine/megatron/
+    transformer_impl.py:836); `mp` GPUs hold one model replica (FSDP: sp; Megatron: TP * PP * CP); DP = GPUs / mp."""
 
     n_gpus: int
     sp: int
@@ -48,6 +49,7 @@ class Geometry:
     mini_batch: int
     epochs: int
     use_ref: bool
+    mp: int = 0
 
     @property
     def seq_len(self) -> int:
@@ -59,11 +61,12 @@ def geometry(cfg: DictConfig, use_ref: bool) -> Geometry:
     actor = cfg.actor_rollout_ref.actor
     if actor.strategy == "megatron":
         m = actor.megatron
-        sp = m.tensor_model_parallel_size * m.pipeline_model_parallel_size * m.context_parallel_size
+        sp = m.context_parallel_size
+        mp = m.tensor_model_parallel_size * m.pipeline_model_parallel_size * sp
     else:
-        sp = max(actor.ulysses_sequence_parallel_size, actor.fsdp_config.get("ulysses_sequence_parallel_size", 1))
+        sp = mp = max(actor.ulysses_sequence_parallel_size, actor.fsdp_config.get("ulysses_sequence_parallel_size", 1))
     return Geometry(
-        n_gpus=n_gpus, sp=sp, dp=n_gpus // sp if n_gpus % sp == 0 else 0,
+        n_gpus=n_gpus, sp=sp, mp=mp, dp=n_gpus // mp if n_gpus % mp == 0 else 0,
         prompt=cfg.data.max_prompt_length, response=cfg.data.max_response_length,
         n=cfg.actor_rollout_ref.rollout.n, train_batch=cfg.data.train_batch_size,
         mini_batch=actor.ppo_mini_batch_size, epochs=actor.ppo_epochs, use_ref=use_ref,
@@ -77,7 +80,7 @@ def check_parallel_sizes(cfg, g: Geometry, m: ModelFacts) -> list[Problem]:
     key = A + ("actor.megatron.tensor_model_parallel_size * pipeline * context" if megatron
                else "actor.ulysses_sequence_parallel_size")
     if g.dp == 0:
-        out.append(Problem(key, g.sp, f"must divide the GPU count trainer.nnodes * trainer.n_gpus_per_node = {g.n_gpus}"))
+        out.append(Problem(key, g.mp, f"must divide the GPU count trainer.nnodes * trainer.n_gpus_per_node = {g.n_gpus}"))
     if not megatron and g.sp > 1:
         if m.num_heads % g.sp:
             out.append(Problem(key, g.sp, f"must divide the model's {m.num_heads} attention heads (Ulysses splits heads)"))
@@ -92,7 +95,7 @@ def check_batches(cfg, g: Geometry) -> list[Problem]:
     if g.dp and (g.mini_batch * g.n) % g.dp:
         out.append(Problem(A + "actor.ppo_mini_batch_size", g.mini_batch,
                            f"ppo_mini_batch_size * rollout.n = {g.mini_batch * g.n} must be divisible by the data-parallel "
-                           f"size {g.dp} (GPUs {g.n_gpus} / sp {g.sp}); verl asserts this in the first update"))
+                           f"size {g.dp} (GPUs {g.n_gpus} / {g.mp} GPUs per model replica); verl asserts this in the first update"))
     if g.train_batch % g.mini_batch:
         out.append(Problem("data.train_batch_size", g.train_batch,
                            f"must be a multiple of actor.ppo_mini_batch_size={g.mini_batch}: otherwise verl pads the batch "
@@ -130,7 +133,7 @@ def check_micro_batches(cfg, g: Geometry) -> list[Problem]:
         if sel(cfg, dyn_key):
             limit = sel(cfg, tok_key)
             if limit is None or limit * sp < g.seq_len:
-                out.append(Problem(tok_key, limit, f"{name}: token limit per GPU * sp ({sp}) must be >= max_prompt_length + "
+                out.append(Problem(tok_key, limit, f"{name}: token limit per GPU * sp ({sp}; Megatron: CP) must be >= max_prompt_length + "
                                                    f"max_response_length = {g.seq_len} (one full sequence per micro-batch)"))
         else:
             micro = sel(cfg, micro_key)
@@ -252,8 +255,10 @@ def run_env(cfg) -> dict[str, str]:
 
 def cluster_checks(cfg, g: Geometry, m: ModelFacts) -> list[Problem]:
     """Every check; a val-only run (evaluation) has no training passes, so no batch or micro-batch checks."""
+    from .megatron import megatron_checks  # megatron.py builds on this module's Problem and Geometry
+
     env = run_env(cfg)
     training = [] if cfg.trainer.val_only else [*check_batches(cfg, g), *check_micro_batches(cfg, g)]
     return [*check_parallel_sizes(cfg, g, m), *training, *check_rollout(cfg, g, m), *check_legacy_reward(cfg),
-            *check_paths(cfg, env), *check_misc(cfg, env)]
+            *check_paths(cfg, env), *check_misc(cfg, env), *megatron_checks(cfg, g, m)]
 

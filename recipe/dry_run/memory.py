@@ -19,11 +19,6 @@ def fsdp_model_states(num_params: int, fsdp_group: int) -> float:
     return 16 * num_params / fsdp_group
 
 
-def megatron_model_states(num_params: int, model_parallel: int, gpus: int) -> float:
-    """8 B * P / (TP*PP) + 8 B * P / GPUs: params and grads split by TP*PP, the distributed optimizer by all GPUs (I)."""
-    return 8 * num_params / model_parallel + 8 * num_params / gpus
-
-
 def gathered_layers(largest_layer_params: int) -> int:
     """2 layers * 2 B * params of the largest layer: FSDP holds the current and the prefetched layer unsharded."""
     return 2 * BF16 * largest_layer_params
@@ -64,3 +59,48 @@ def kv_per_token(layers: int, kv_heads: int, head_dim: int, tp: int) -> int:
 def kv_room(gpu_memory_utilization: float, gpu_bytes: float, weights: float) -> float:
     """gpu_memory_utilization * GPU - weights - 2 GiB (never below 0)."""
     return max(0.0, gpu_memory_utilization * gpu_bytes - weights - VLLM_OVERHEAD)
+
+
+# ---------------------------------------------------------------------------------------- Megatron actor
+# Per GPU on the busiest pipeline stage. Sources: verl wraps the model with grad_reduce_in_fp32=True
+# (verl/utils/megatron_utils.py:104); megatron-core's distributed optimizer shards the fp32 main params and Adam
+# states over the data-parallel group with context parallelism (megatron/core/distributed/
+# distributed_data_parallel.py:79-80, intra_dp_cp_group); 1F1B keeps PP micro-batches in flight on the first
+# stage, interleaving (VPP) 1 + (PP-1)/(PP*VPP) times that (Korthikanti et al. 2022, "Reducing Activation
+# Recomputation in Large Transformer Models", Sec. 4.2.3).
+
+def megatron_params_per_gpu(num_params: int, vocab: int, hidden: int, tied: bool, tp: int, pp: int) -> float:
+    """(P - E) / (TP*PP) + E_stage / TP, E = V*H (tied) or 2*V*H: an end stage holds one V*H table (PP > 1,
+    Megatron keeps a tied copy on the last stage too) or all of E (PP 1)."""
+    embeddings = vocab * hidden * (1 if tied else 2)
+    on_end_stage = embeddings if pp == 1 else vocab * hidden
+    return (num_params - embeddings) / (tp * pp) + on_end_stage / tp
+
+
+def megatron_model_state_parts(params_per_gpu: float, dp_cp: int, distributed_optimizer: bool) -> tuple[float, float]:
+    """(params + grads, optimizer): 2 B bf16 param + 4 B fp32 grad per local parameter, and 12 B (fp32 main
+    param, Adam m, v) sharded over DP*CP by the distributed optimizer (not sharded without it)."""
+    return (BF16 + 4) * params_per_gpu, 12 * params_per_gpu / (dp_cp if distributed_optimizer else 1)
+
+
+def megatron_layers_in_flight(layers: int, pp: int, vpp: int) -> float:
+    """L * (1 + (PP-1)/(PP*VPP)) with interleaving, else L: layers' worth of activations the first stage holds."""
+    return layers * (1 + (pp - 1) / (pp * vpp)) if vpp > 1 else float(layers)
+
+
+def megatron_activations(tokens: int, hidden: int, intermediate: int, layers: int, tp: int, pp: int, vpp: int,
+                         recompute: str, recompute_num_layers: int = 1) -> float:
+    """T = tokens per GPU (CP already split them), everything divided by TP (sequence parallel on).
+    full: one checkpoint (the layer input) per recompute_num_layers layers in flight plus that many layers'
+    working set; selective/none: every layer in flight keeps its working set (with flash attention the core
+    attention that `selective` recomputes stores no s^2 scores, so this estimate does not separate the two)."""
+    in_flight = megatron_layers_in_flight(layers, pp, vpp)
+    if recompute == "full":
+        checkpoints = math.ceil(in_flight / recompute_num_layers) * layer_checkpoint(tokens, hidden)
+        return (checkpoints + recompute_num_layers * layer_working_set(tokens, hidden, intermediate)) / tp
+    return in_flight * layer_working_set(tokens, hidden, intermediate) / tp
+
+
+def megatron_logits(tokens: int, vocab: int, tp: int) -> float:
+    """T * V/TP * (2 + 4 + 4) B on the last stage: vocab-parallel logits."""
+    return logits(tokens, vocab) / tp

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from . import memory as mem
 from .checks import Geometry
+from .megatron import layout_of, megatron_memory
 from .memory import GIB
 from .model import ModelFacts
 
@@ -114,30 +115,33 @@ def make_plan(cfg, g: Geometry, m: ModelFacts) -> Plan:
     steps = cfg.trainer.total_training_steps
 
     # memory per GPU (bytes)
-    if actor.strategy == "megatron":
-        engine, mp = actor.megatron, actor.megatron.tensor_model_parallel_size * actor.megatron.pipeline_model_parallel_size
-        states = mem.megatron_model_states(P, mp, g.n_gpus)
-        states_formula = f"8 B * P / (TP*PP = {mp}) + 8 B * P / GPUs (Megatron, distributed optimizer; I)"
+    H, L, I, V = m.hidden_size, m.num_layers, m.intermediate_size, m.vocab_size
+    layout = layout_of(cfg, g)
+    if layout is not None:  # Megatron: its own terms and formula lines (megatron.py)
+        megatron = megatron_memory(layout, m, t_gpu, cfg.trainer.n_gpus_per_node)
+        states, acts, logits, train_peak = megatron.states, megatron.activations, megatron.logits, megatron.update_peak
     else:
         engine = actor.fsdp_config
         F = engine.fsdp_size if engine.get("fsdp_size", -1) > 0 else g.n_gpus
         states = mem.fsdp_model_states(P, F)
         states_formula = f"16 B * P / FSDP group ({F})"
-    offload = bool(engine.get("param_offload", False) or engine.get("optimizer_offload", False))
-    policy_offload = bool(engine.get("offload_policy", False))
-    gathered = mem.gathered_layers(m.largest_layer_params)
-    H, L, I, V = m.hidden_size, m.num_layers, m.intermediate_size, m.vocab_size
-    ckpt = cfg.actor_rollout_ref.model.enable_gradient_checkpointing
-    acts = mem.activations(t_gpu, H, I, L, ckpt)
-    logits = mem.logits(t_gpu, V)
-    train_peak = (0 if policy_offload else states) + gathered + acts + logits
+        offload = bool(engine.get("param_offload", False) or engine.get("optimizer_offload", False))
+        policy_offload = bool(engine.get("offload_policy", False))
+        gathered = mem.gathered_layers(m.largest_layer_params)
+        ckpt = cfg.actor_rollout_ref.model.enable_gradient_checkpointing
+        acts = mem.activations(t_gpu, H, I, L, ckpt)
+        logits = mem.logits(t_gpu, V)
+        train_peak = (0 if policy_offload else states) + gathered + acts + logits
     tp = ro.tensor_model_parallel_size
     vllm_weights = mem.vllm_weights(P, tp)
     kv_per_token = mem.kv_per_token(L, m.num_kv_heads, m.head_dim, tp)
     kv_room = mem.kv_room(ro.gpu_memory_utilization, gpu_gib * GIB, vllm_weights)
     kv_tokens = int(kv_room // kv_per_token)
-    resident = 0 if (engine.get("param_offload", False) and engine.get("optimizer_offload", False)) or policy_offload \
-        else states
+    if layout is not None:
+        resident = megatron.resident_in_rollout
+    else:
+        resident = 0 if (engine.get("param_offload", False) and engine.get("optimizer_offload", False)) or policy_offload \
+            else states
     memory = {"model states": states / GIB, "train peak": train_peak / GIB, "activations": acts / GIB,
               "logits": logits / GIB, "vllm weights": vllm_weights / GIB, "kv cache": kv_room / GIB,
               "rollout phase total": (resident + ro.gpu_memory_utilization * gpu_gib * GIB) / GIB}
@@ -152,11 +156,28 @@ def make_plan(cfg, g: Geometry, m: ModelFacts) -> Plan:
     )
     gib = lambda x: f"{x / GIB:.1f} GiB"  # noqa: E731
     total = sum(flops.values())
+    if layout is not None:
+        actor_lines = list(megatron.lines)
+        host_line = megatron.host_line
+    else:
+        actor_lines = [
+            f"  actor model states   {states_formula} = {gib(states)} (fp32 params, grads, Adam m and v; "
+            + ("param/optimizer offload: on the host between phases, back on the GPU for the update)" if offload and not
+               policy_offload else "offload_policy: kept on the host)" if policy_offload else "resident all run)"),
+            f"  gathered layer       2 layers * 2 B * {m.largest_layer_params:,} params = {gib(gathered)}",
+            f"  activations          {'L * T * H * 2 B (checkpoints) + ' if ckpt else 'L * '}T * (6H + 3I) * 2 B (one layer), "
+            f"T = {t_gpu} tokens per GPU = {gib(acts)}",
+            f"  logits               T * V * (2 + 4 + 4) B (bf16 logits, fp32 log-softmax and its gradient) = {gib(logits)}",
+        ]
+        host_line = (f"  host memory          actor model states * GPUs per node = "
+                     f"{states * cfg.trainer.n_gpus_per_node / GIB:.0f} GiB per node") if offload else None
+    dp_formula = (f"GPUs / (TP*PP*CP) = {g.n_gpus} / ({layout.tp}*{layout.pp}*{layout.cp})" if layout is not None
+                  else f"GPUs / sp = {g.n_gpus} / {g.sp}")
     lines = [
         f"model      {m.model_type}, {P:,} parameters (from the module shapes on the meta device), "
         f"L={L} H={H} heads={m.num_heads} kv={m.num_kv_heads} head_dim={m.head_dim} V={V}; facts: {m.source}",
-        f"layout     {g.n_gpus} GPUs = {cfg.trainer.nnodes} nodes x {cfg.trainer.n_gpus_per_node}; actor DP = GPUs / sp = "
-        f"{g.n_gpus} / {g.sp} = {g.dp}; rollout: TP {tp}, replicas = GPUs / (TP*DP*PP) = {plan.replicas}",
+        f"layout     {g.n_gpus} GPUs = {cfg.trainer.nnodes} nodes x {cfg.trainer.n_gpus_per_node}; actor DP = {dp_formula} = "
+        f"{g.dp}; rollout: TP {tp}, replicas = GPUs / (TP*DP*PP) = {plan.replicas}",
         f"staleness  U = ppo_epochs * train_batch_size / ppo_mini_batch_size = {g.epochs} * {g.train_batch} / "
         f"{g.mini_batch} = {staleness:g} optimizer updates per rollout batch",
         f"batch      responses per step B = train_batch_size * n = {g.train_batch} * {g.n} = {B}; per update "
@@ -171,13 +192,7 @@ def make_plan(cfg, g: Geometry, m: ModelFacts) -> Plan:
         f"peak {peak / 1e12:g} TFLOP/s: {seconds / 60:.1f} min, {plan.gpu_hours_per_step:.2f} GPU-hours"
         + (f"; x {steps} steps = {plan.gpu_hours_per_step * steps:,.0f} GPU-hours (estimate)" if steps else ""),
         f"memory     per GPU, estimate (formulas, unverified on hardware; GPU {gpu_gib:g} GiB assumed):",
-        f"  actor model states   {states_formula} = {gib(states)} (fp32 params, grads, Adam m and v; "
-        + ("param/optimizer offload: on the host between phases, back on the GPU for the update)" if offload and not
-           policy_offload else "offload_policy: kept on the host)" if policy_offload else "resident all run)"),
-        f"  gathered layer       2 layers * 2 B * {m.largest_layer_params:,} params = {gib(gathered)}",
-        f"  activations          {'L * T * H * 2 B (checkpoints) + ' if ckpt else 'L * '}T * (6H + 3I) * 2 B (one layer), "
-        f"T = {t_gpu} tokens per GPU = {gib(acts)}",
-        f"  logits               T * V * (2 + 4 + 4) B (bf16 logits, fp32 log-softmax and its gradient) = {gib(logits)}",
+        *actor_lines,
         f"  update peak          {gib(train_peak)}" + ("  > GPU memory" if train_peak > gpu_gib * GIB else ""),
         f"  vLLM weights         2 B * P / TP = {gib(vllm_weights)}; KV per token per GPU = 2 * L * ceil(kv/TP) * "
         f"head_dim * 2 B = {kv_per_token / 1024:.0f} KiB",
@@ -187,8 +202,7 @@ def make_plan(cfg, g: Geometry, m: ModelFacts) -> Plan:
         + ("  > GPU memory: offload params and optimizer, or lower gpu_memory_utilization"
            if memory["rollout phase total"] > gpu_gib else ""),
     ]
-    if offload:
-        lines.append(f"  host memory          actor model states * GPUs per node = "
-                     f"{states * cfg.trainer.n_gpus_per_node / GIB:.0f} GiB per node")
+    if host_line:
+        lines.append(host_line)
     plan.lines = lines
     return plan

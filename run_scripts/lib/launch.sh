@@ -21,12 +21,14 @@
 #   RUN_ID     names this attempt's metrics file, metrics-$RUN_ID.jsonl (verl's file logger truncates) [UTC time]
 #   PROJECT    trainer.project_name (wandb) [bapo-paper];  WANDB_API_KEY set: wandb is added to trainer.logger
 #   STRICT_AB=1  baselines without verl's dual clip (clip_ratio_c=1e9), like BAPO's paper preset [verl's 3.0]
+#   STRATEGY   actor engine: fsdp2 or megatron (scripts that offer it) [fsdp2]; megatron runs are named
+#              <run name>-megatron (their checkpoints do not load into FSDP and back)
 #   STEPS [250], SAVE_FREQ [10], TEST_FREQ [10];  EVAL=0: no final evaluation;  EVAL_ONLY=1: only that
 #   PYTHON [<repo>/.venv/bin/python, else python3]
 #   NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, HF_HOME, WANDB_API_KEY   passed to every node by LAUNCH=ray_job
 #              (in the job's runtime env, which the Ray dashboard shows)
 # A script sets MODEL, NNODES, GPUS (defaults), RESPONSE_LENGTH and ROLLOUT_TP (and may set PROMPT_LENGTH,
-# default 1024) before calling bapo_launch.
+# default 1024) before calling bapo_launch, and calls bapo_strategy with the engines it offers.
 
 BAPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
@@ -49,6 +51,18 @@ bapo_parse_args() {
 }
 
 bapo_die() { echo "error: $*" >&2; exit 2; }
+
+# bapo_strategy ENGINES...: check STRATEGY against the engines this script has a layout for; sets STRATEGY and
+# STRATEGY_ARGS. Megatron is verl's top-level `model_engine` group (it swaps the actor and ref configs); FSDP2 is
+# a key of the default `dp` engine. Methods differ only in the loss under either engine.
+bapo_strategy() {
+  STRATEGY="${STRATEGY:-fsdp2}"
+  [[ " $* " == *" $STRATEGY "* ]] || bapo_die "STRATEGY=$STRATEGY: valid for $(basename "$0"): $*"
+  case "$STRATEGY" in
+    fsdp2) STRATEGY_ARGS=(actor_rollout_ref.actor.strategy=fsdp2 actor_rollout_ref.ref.strategy=fsdp2) ;;
+    megatron) STRATEGY_ARGS=(model_engine=megatron) ;;
+  esac
+}
 
 # bapo_abs PATH: the absolute form of PATH (checkpoints, logs and data are read by processes on every node).
 bapo_abs() { [[ "$1" == /* ]] && echo "$1" || echo "$PWD/$1"; }
@@ -99,8 +113,7 @@ bapo_common() {
     trainer.total_training_steps="${STEPS:-250}"
     actor_rollout_ref.rollout.name=vllm
     actor_rollout_ref.rollout.tensor_model_parallel_size="$ROLLOUT_TP"
-    actor_rollout_ref.actor.strategy=fsdp2
-    actor_rollout_ref.ref.strategy=fsdp2
+    "${STRATEGY_ARGS[@]}"
     # sampling: temperature 0.6 (paper Sec. 5.1); evaluation: avg@16 at T 0.6, top-p 0.95 (R1 protocol; paper: avg@16)
     actor_rollout_ref.rollout.temperature=0.6
     actor_rollout_ref.rollout.val_kwargs.n=16
@@ -138,6 +151,8 @@ bapo_common() {
 bapo_launch() {
   local name="$1"; shift
   [[ -n "${METHOD_ARGS+x}" ]] || bapo_die "bapo_launch: call bapo_method first"
+  [[ -n "${STRATEGY_ARGS+x}" ]] || bapo_strategy fsdp2
+  [[ "$STRATEGY" == fsdp2 ]] || name="$name-$STRATEGY"
   : "${MODEL:?}" "${NNODES:?}" "${GPUS:?}" "${RESPONSE_LENGTH:?}" "${ROLLOUT_TP:?}"
   bapo_common "$name"
   if [[ "${EVAL_ONLY:-0}" == 1 ]]; then bapo_eval "$name"; return; fi
@@ -172,14 +187,14 @@ bapo_ray_job() {
     "${wait[@]}" -- "$PYTHON" -m recipe.bapo.main_bapo "$@"
 }
 
-# bapo_merged_model NAME: merge the run's latest FSDP checkpoint into a Hugging Face folder; prints its path.
+# bapo_merged_model NAME: merge the run's latest checkpoint (FSDP or Megatron) into a Hugging Face folder; prints its path.
 bapo_merged_model() {
   local dir ckpt step actor
   ckpt="$(bapo_abs "${CKPT:-$BAPO_ROOT/runs/checkpoints}")/$1"
   [[ -f "$ckpt/latest_checkpointed_iteration.txt" ]] || bapo_die "no checkpoint in $ckpt (trainer.save_freq > 0?)"
   step="$(cat "$ckpt/latest_checkpointed_iteration.txt")"
   actor="$ckpt/global_step_$step/actor"; dir="$actor/huggingface_merged"
-  [[ -f "$dir/config.json" ]] || "$PYTHON" -m verl.model_merger merge --backend fsdp --local_dir "$actor" --target_dir "$dir" >&2
+  [[ -f "$dir/config.json" ]] || "$PYTHON" -m verl.model_merger merge --backend "${STRATEGY/fsdp2/fsdp}" --local_dir "$actor" --target_dir "$dir" >&2
   echo "$dir"
 }
 
