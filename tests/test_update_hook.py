@@ -37,10 +37,16 @@ class FakeEngine:
     `shape_noise` adds a term that depends on the micro-batch's shape, as GEMM rounding does under bf16,
     so a probe partitioned differently from the gradient pass gives different ratios."""
 
-    def __init__(self, has_outputs=True, lr=2.0, shape_noise=0.0):
+    def __init__(self, has_outputs=True, lr=2.0, shape_noise=0.0, vpp_group=None, pipeline_peer=None):
         self.module = torch.nn.Module()
         self.module.theta = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
         self.has_outputs, self.lr, self.shape_noise = has_outputs, lr, shape_noise
+        # Megatron under virtual pipelining: the micro-batch count is rounded up to a multiple of the group
+        # (dynamic bsz) and asserted (verl/workers/engine/megatron/transformer_impl.py:873-918)
+        self.vpp_group = vpp_group
+        # the other pipeline stage's rank: every forward exchanges one message per micro-batch with it, as
+        # Megatron's p2p activations do, so a forward that one stage runs and the other skips hangs
+        self.pipeline_peer = pipeline_peer
         self.infer_calls = 0
         self.partitions = {"infer": [], "train": []}  # per call: the micro-batches' row ids
         self.steps: list[list[dict]] = []  # per optimizer step: the loss metrics of each micro-batch
@@ -66,9 +72,24 @@ class FakeEngine:
     def micro_batches(self, data, kind):
         data = data.copy()
         data["input_ids"] = data["attention_mask"]  # padded: verl balances by attention_mask sums
-        micro, indices = prepare_micro_batches(data=data, dp_group=None, same_micro_num_in_dp=True)
+        micro, indices = prepare_micro_batches(data=data, dp_group=None, same_micro_num_in_dp=True,
+                                               num_batches_divided_by=self.vpp_group)
+        if self.vpp_group:
+            assert len(micro) % self.vpp_group == 0, f"{len(micro)} micro-batches, VPP group {self.vpp_group}"
         self.partitions[kind].append([m["row_id"].tolist() for m in micro])
+        if self.pipeline_peer is not None:
+            self._p2p(len(micro))
         return micro
+
+    def _p2p(self, n_micro):
+        """Stage 0 sends its micro-batch count once per micro-batch; the last stage receives and compares."""
+        for _ in range(n_micro):
+            count = torch.tensor([n_micro])
+            if self.has_outputs:
+                dist.recv(count, src=self.pipeline_peer)
+                assert count.item() == n_micro, f"stages disagree on the micro-batches: {count.item()} vs {n_micro}"
+            else:
+                dist.send(count, dst=self.pipeline_peer)
 
     # -- the BaseEngine surface TrainingWorker uses
     def get_data_parallel_group(self):
@@ -94,7 +115,8 @@ class FakeEngine:
 
     def infer_batch(self, data, loss_function=None):
         self.infer_calls += 1
-        if not self.has_outputs:  # e.g. a Megatron pipeline stage before the last
+        if not self.has_outputs:  # e.g. a Megatron pipeline stage before the last: runs its layers, no logits
+            self.micro_batches(data, "infer")
             return {}
         rows = {}
         with torch.no_grad():
@@ -106,7 +128,11 @@ class FakeEngine:
 
     def train_batch(self, data, loss_function):
         metrics = []
-        for micro in self.micro_batches(data, "train"):
+        micro_batches = self.micro_batches(data, "train")
+        if not self.has_outputs:  # Megatron runs the loss on the last pipeline stage only
+            self.steps.append([])
+            return {"loss": [], "metrics": {}, "model_output": {}}
+        for micro in micro_batches:
             set_global_batch_info(micro, batch_num_tokens=int(data["response_mask"].sum()), global_batch_size=data.batch_size[0])
             loss, m = loss_function(model_output={"log_probs": model_log_probs(self.log_prob(micro), micro["response_mask"])}, data=micro)
             loss.backward()
@@ -435,6 +461,64 @@ def test_pipeline_stage_without_outputs_gets_no_bounds_and_ranks_agree_on_the_sh
     data["old_log_probs"] = data["fake_anchor"] - 0.4 * data["fake_feature"]
     expected = direct_search(torch.tensor(0.0, dtype=torch.float64), data, BAPOPolicyLossConfig().search_spec)
     assert (last["result"].c_low, last["result"].c_high) == (expected.c_low, expected.c_high)
+
+
+def _pipeline_train_worker(rank, init_file, out_dir):
+    """Two pipeline stages of one model replica under virtual pipelining (micro-batch group 2), each its own DP
+    group, through verl's TrainingWorker.train_mini_batch: rank 0 runs its layers only, rank 1 (the last stage)
+    runs the loss. Old log-probs come from the rollout (bypass mode), so every update probes."""
+    os.environ.update(BAPO_TRACE_DIR=os.path.join(out_dir, "trace"), BAPO_TRACE_TENSORS="1")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        dp_groups = [dist.new_group([0]), dist.new_group([1])]
+        engine = FakeEngine(has_outputs=rank == 1, vpp_group=2, pipeline_peer=1 - rank)
+        engine.get_data_parallel_group = lambda: dp_groups[rank]
+        worker = make_worker(BAPOPolicyLossConfig(), engine, dynamic_bsz=True, max_token_len=13)
+        data = rl_batch(seed=26)  # stale enough that some update's search stops inside the path
+        data["old_log_probs"] = data["fake_anchor"] - data["fake_feature"]
+        run_step(worker, data, mini_batch_size=4, epochs=2)  # 2 mini-batches x 2 epochs = 4 updates
+        torch.save({"infer_calls": engine.infer_calls, "partitions": engine.partitions, "steps": engine.steps},
+                   os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pipeline_parallel_update_uses_bounds_searched_over_the_loss_ratios(tmp_path):
+    """The invariants a real Megatron PP 2 run would be checked for (verl's Megatron engine cannot run on CPU,
+    see README "Known limits"): both stages run every probe forward with the gradient pass's micro-batch
+    partition (a count verl accepts under VPP); the loss runs on the last stage only; each update's bounds, used
+    by every micro-batch's loss, equal a direct search over the ratios that loss computed (saved by the trace);
+    the first stage searches nothing. (Broken by skipping the probe on ranks without outputs: the stages'
+    p2p exchange failed the test; by probing with the log-prob micro-batch size: the partitions differed; by
+    inverting the probe's ratios: the bounds differed from the search over the loss's ratios.)"""
+    context = mp.spawn(_pipeline_train_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        assert time.monotonic() < deadline, "deadlock: the stages did not run the same forwards"
+    first, last = (torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2))
+    assert first["infer_calls"] == last["infer_calls"] == 4  # one probe per update, on both stages
+    assert first["partitions"] == last["partitions"]
+    assert last["partitions"]["infer"] == last["partitions"]["train"]  # the probe is micro-batched like the update
+    assert all(len(p) % 2 == 0 for kind in ("infer", "train") for p in last["partitions"][kind])
+    assert first["steps"] == [[]] * 4 and all(len(step) > 1 for step in last["steps"])
+
+    traces = {r: [json.loads(line) for f in (tmp_path / "trace").glob(f"rank{r}-*.jsonl") for line in f.read_text().splitlines()]
+              for r in range(2)}
+    assert not [t for t in traces[0] if t["kind"] in ("update", "loss")]  # no search, no loss on the first stage
+    updates = [t for t in traces[1] if t["kind"] == "update"]
+    losses = [t for t in traces[1] if t["kind"] == "loss"]
+    assert [u["update"] for u in updates] == [0, 1, 2, 3]
+    inside = 0
+    for u in updates:
+        mine = [t for t in losses if t["update"] == u["update"]]
+        assert len(mine) == len(last["partitions"]["train"][u["update"]])
+        assert {(t["c_low"], t["c_high"]) for t in mine} == {(u["c_low"], u["c_high"])}
+        saved = [torch.load(tmp_path / "trace" / t["tensors"]) for t in mine]
+        joined = {k: torch.cat([x[k].reshape(-1) for x in saved]) for k in ("ratio", "advantages", "mask")}
+        again = search_clip_bounds(joined["ratio"], joined["advantages"], joined["mask"], BAPOPolicyLossConfig().search_spec)
+        assert (again.c_low, again.c_high, again.steps) == (u["c_low"], u["c_high"], u["steps"])
+        inside += again.steps > 0 and again.target_met
+    assert inside >= 1  # a search that moved and stopped at rho0: other ratios would give other bounds
 
 
 def test_imbalance_metrics_match_a_direct_count():
