@@ -95,9 +95,13 @@ BROKEN = [
 def test_broken_cluster_config_is_rejected_naming_the_key(what, base, overrides, key, words, runs_32b):
     """Each config would fail (or silently change) on the cluster; the dry run refuses it, naming the key.
     (Each check was disabled once by returning [] from its function: its rows failed.)"""
-    args = runs_32b[0] if base == "32b" else runs_32b[1]
+    assert_rejected([*(runs_32b[0] if base == "32b" else runs_32b[1]), *overrides], key, words)
+
+
+def assert_rejected(args: list[str], key: str, words: str) -> None:
+    """The dry run refuses these arguments with a line naming `key` that contains `words`."""
     with pytest.raises(DryRunError) as err:
-        dry_run([*args, *overrides])
+        dry_run(args)
     matching = [line for line in str(err.value).splitlines() if key in line]
     assert matching, f"{key} not named in:\n{err.value}"
     assert any(words in line for line in matching), f"{words!r} not in: {matching}"
@@ -290,11 +294,7 @@ BROKEN_MEGATRON = [
 def test_broken_megatron_config_is_rejected_naming_the_key(what, base, overrides, key, words, runs_megatron):
     """Each Megatron layout would fail after the cluster started; the dry run refuses it, naming the key.
     (Each check was disabled once by returning [] from its function in megatron.py: its rows failed.)"""
-    with pytest.raises(DryRunError) as err:
-        dry_run([*runs_megatron[base], *overrides])
-    matching = [line for line in str(err.value).splitlines() if key in line]
-    assert matching, f"{key} not named in:\n{err.value}"
-    assert any(words in line for line in matching), f"{words!r} not in: {matching}"
+    assert_rejected([*runs_megatron[base], *overrides], key, words)
 
 
 def test_dynamic_context_parallel_is_refused_for_bapo_only(tmp, runs_megatron):
