@@ -15,15 +15,17 @@ from .clip_search import (
     search_dtype,
     select_bounds,
 )
-from .objective import LOSS_AGG_MODES, aggregation_weights, clip_diagnostics, ppo_clip_loss
+from .objective import LOG_RATIO_CLAMP, LOSS_AGG_MODES, aggregation_weights, clip_diagnostics, log_ratio_of, ppo_clip_loss
 
 __all__ = [
+    "LOG_RATIO_CLAMP",
     "LOSS_AGG_MODES",
     "aggregation_weights",
     "ClipPath",
     "ClipSearchResult",
     "ClipSearchSpec",
     "clip_diagnostics",
+    "log_ratio_of",
     "path_contributions",
     "ppo_clip_loss",
     "reduce_and_select",

@@ -13,6 +13,20 @@ from typing import Optional
 
 import torch
 
+from .clip_search import search_dtype
+
+LOG_RATIO_CLAMP = 20.0  # as verl's vanilla loss: ratio in [e^-20, e^20]
+
+
+def log_ratio_of(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clamped log-ratio with non-finite entries (NaN/inf log-probs) set to 0, and the finite mask.
+
+    The one place the ratio's dtype is decided (half precision is promoted to float32), so the
+    search and the loss compare the same numbers with the bounds."""
+    log_ratio = torch.clamp(search_dtype(log_prob) - search_dtype(old_log_prob), min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
+    finite = log_ratio == log_ratio  # the clamp already maps +-inf to +-20: only NaN is left
+    return torch.nan_to_num(log_ratio, nan=0.0), finite
+
 
 def ppo_clip_loss(
     ratio: torch.Tensor,

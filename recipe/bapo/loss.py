@@ -14,14 +14,20 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from bapo_core import ClipSearchResult, aggregation_weights, clip_diagnostics, ppo_clip_loss, search_clip_bounds, search_dtype
+from bapo_core import (
+    ClipSearchResult,
+    aggregation_weights,
+    clip_diagnostics,
+    log_ratio_of,
+    ppo_clip_loss,
+    search_clip_bounds,
+)
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
 from . import trace
 from .config import BAPO_LOSS_MODE, BAPOPolicyLossConfig
 
 logger = logging.getLogger(__name__)
-LOG_RATIO_CLAMP = 20.0  # as verl's vanilla loss: ratio in [e^-20, e^20]
 RHO_LOG_CAP = 1e6  # rho_definition="ratio" is inf when N = 0; metrics must stay finite (JSON, wandb, means)
 _warned_missing_update_bounds = False
 
@@ -45,16 +51,6 @@ def dp_group_of(bapo: BAPOPolicyLossConfig) -> Optional[dist.ProcessGroup]:
     if bapo.update_state.dp_group is not None:
         return bapo.update_state.dp_group
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
-
-
-def log_ratio_of(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clamped log-ratio with non-finite entries (NaN/inf log-probs) set to 0, and the finite mask.
-
-    The one place the ratio's dtype is decided (half precision is promoted to float32), so the
-    search and the loss compare the same numbers with the bounds."""
-    log_ratio = torch.clamp(search_dtype(log_prob) - search_dtype(old_log_prob), min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
-    finite = log_ratio == log_ratio  # the clamp already maps +-inf to +-20: only NaN is left
-    return torch.nan_to_num(log_ratio, nan=0.0), finite
 
 
 def _update_bounds(bapo: BAPOPolicyLossConfig) -> Optional[ClipSearchResult]:
