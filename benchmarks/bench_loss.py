@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -26,60 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import verl  # noqa: E402,F401  (registers the bapo loss via the plugin entry point)
 from bapo_core import search_clip_bounds  # noqa: E402
 from bapo_core.reference import search_clip_bounds_loop  # noqa: E402
+from benchmarks.loss_batches import fwd_bwd_ms, interleaved_ms, sync, walking_batch  # noqa: E402
 from benchmarks.probes import HostSyncCounter, PeakTensorMemory  # noqa: E402
 from recipe.bapo.config import BAPOPolicyLossConfig  # noqa: E402
 from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, get_policy_loss_fn  # noqa: E402
 from verl.workers.config import ActorConfig  # noqa: E402
-
-
-def stale_batch(bsz: int, length: int, device: str, seed: int = 0):
-    """GRPO-like advantages (mostly negative: long wrong answers dominate) and stale log-probs."""
-    gen = torch.Generator().manual_seed(seed)
-    old = -torch.rand(bsz, length, generator=gen) * 2
-    log_prob = old + torch.randn(bsz, length, generator=gen) * 0.6
-    adv = torch.randn(bsz, 1, generator=gen).expand(bsz, length).contiguous() - 0.8
-    lengths = torch.randint(length // 2, length + 1, (bsz,), generator=gen)
-    mask = torch.arange(length)[None, :] < lengths[:, None]
-    return [t.to(device) for t in (old, log_prob, adv, mask)]
-
-
-def walking_batch(bsz: int, length: int, device: str, spec):
-    """A stale batch whose search walks 20-45 steps before meeting the target (tries seeds)."""
-    for seed in range(100):
-        old, log_prob, adv, mask = stale_batch(bsz, length, device, seed)
-        adv = adv + 0.8  # centred advantages: rho starts around 0.2-0.3
-        result = search_clip_bounds((log_prob - old).exp(), adv, mask, spec)
-        if result.target_met and 20 <= result.steps <= 45:
-            return old, log_prob, adv, mask
-    raise RuntimeError(f"no seed gives a 20-45 step search at {bsz}x{length}")
-
-
-def sync(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def fwd_bwd_ms(loss_fn, config, batch, reps: int, device: str) -> list[float]:
-    old, log_prob, adv, mask = batch
-    times = []
-    for _ in range(reps):
-        lp = log_prob.clone().requires_grad_(True)
-        sync(device)
-        start = time.perf_counter()
-        loss, _ = loss_fn(old, lp, adv, mask, "token-mean", config)
-        loss.backward()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def interleaved_ms(fns: dict, reps: int) -> dict[str, float]:
-    """Median ms of each callable, alternating them so machine noise hits all alike."""
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            times[name] += fn()
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
@@ -102,16 +52,14 @@ def main():
         old, log_prob, adv, mask = batch
         ratio = (log_prob - old).exp()
         given.policy_loss.update_state.bounds = search_clip_bounds(ratio, adv, mask, spec)
-        fwd_bwd_ms(bapo, config, batch, 2, device)  # warm-up
-        fwd_bwd_ms(compute_policy_loss_vanilla, config, batch, 2, device)
-        loss_ms = interleaved_ms(
-            {
-                "vanilla": lambda: fwd_bwd_ms(compute_policy_loss_vanilla, config, batch, 1, device),
-                "bapo": lambda: fwd_bwd_ms(bapo, config, batch, 1, device),
-                "given": lambda: fwd_bwd_ms(bapo, given, batch, 1, device),
-            },
-            args.reps,
-        )
+        losses = {
+            "vanilla": lambda *b: compute_policy_loss_vanilla(*b, "token-mean", config),
+            "bapo": lambda *b: bapo(*b, "token-mean", config),
+            "given": lambda *b: bapo(*b, "token-mean", given),
+        }
+        for name in ("bapo", "vanilla"):
+            fwd_bwd_ms(losses[name], batch, 2, device)  # warm-up
+        loss_ms = interleaved_ms({name: lambda fn=fn: fwd_bwd_ms(fn, batch, 1, device) for name, fn in losses.items()}, args.reps)
 
         def timed(fn):
             def run():
