@@ -94,6 +94,19 @@ def test_smoke_report_structure_without_verl(smoke_report):
     assert per_layer[3] == "1.00"
 
 
+def same_loss_and_gradient(verl_fn, ours, old, log_prob, adv, mask) -> tuple[dict, dict]:
+    """Asserts both losses give bitwise the same loss and log-prob gradient; returns both metrics dicts."""
+    results = []
+    for fn in (verl_fn, ours):
+        lp = log_prob.clone().requires_grad_(True)
+        loss, metrics = fn(old, lp, adv, mask)
+        loss.backward()
+        results.append((loss, lp.grad.nan_to_num(), metrics))
+    (loss_a, grad_a, metrics_a), (loss_b, grad_b, metrics_b) = results
+    assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+    return metrics_a, metrics_b
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vanilla_transcription_equals_verl(dtype):
     """Same loss, gradient and metrics as verl's compute_policy_loss_vanilla, dual clip and NaN padding included."""
@@ -107,14 +120,8 @@ def test_vanilla_transcription_equals_verl(dtype):
                          clip_ratio_c=3.0)
     ratio = (log_prob.float() - old.float()).exp()
     assert ((ratio > 3) & (adv < 0) & mask).any() and ((ratio > 1.2) & (adv > 0) & mask).any()
-    results = []
-    for fn in (lambda *b: compute_policy_loss_vanilla(*b, "token-mean", config), gpu_check.vanilla_ppo_loss):
-        lp = log_prob.clone().requires_grad_(True)
-        loss, metrics = fn(old, lp, adv, mask)
-        loss.backward()
-        results.append((loss, lp.grad, metrics))
-    (loss_v, grad_v, metrics_v), (loss_t, grad_t, metrics_t) = results
-    assert torch.equal(loss_v, loss_t) and torch.equal(grad_v.nan_to_num(), grad_t.nan_to_num())
+    verl_vanilla = lambda *b: compute_policy_loss_vanilla(*b, "token-mean", config)  # noqa: E731
+    metrics_v, metrics_t = same_loss_and_gradient(verl_vanilla, gpu_check.vanilla_ppo_loss, old, log_prob, adv, mask)
     assert metrics_v == metrics_t
 
 
@@ -131,18 +138,12 @@ def test_bapo_composition_equals_registered_loss():
         log_prob[:, ::5] = float("nan")  # non-finite tokens inside the mask: left out of search and loss by both
         adv = torch.randn(8, 1, generator=gen).expand(8, 128).contiguous()
         mask = torch.arange(128)[None, :] < torch.randint(64, 129, (8, 1), generator=gen)
-        results = []
-        for fn in (lambda *b: registered(*b, "token-mean", config), gpu_check.bapo_loss):
-            lp = log_prob.clone().requires_grad_(True)
-            loss, metrics = fn(old, lp, adv, mask)
-            loss.backward()
-            results.append((loss, lp.grad, metrics))
-        (loss_r, grad_r, metrics_r), (loss_g, grad_g, metrics_g) = results
+        verl_bapo = lambda *b: registered(*b, "token-mean", config)  # noqa: E731
+        metrics_r, metrics_g = same_loss_and_gradient(verl_bapo, gpu_check.bapo_loss, old, log_prob, adv, mask)
         assert (metrics_r["actor/bapo/c_low"], metrics_r["actor/bapo/c_high"]) == (metrics_g["c_low"], metrics_g["c_high"])
         for name in ("clipfrac_pos", "clipfrac_neg", "nonfinite_token_frac"):
             assert metrics_r[f"actor/bapo/{name}"] == metrics_g[name], name
         assert metrics_r["actor/ppo_kl"] == metrics_g["ppo_kl"]
-        assert torch.equal(loss_r, loss_g) and torch.equal(grad_r.nan_to_num(), grad_g.nan_to_num())
         steps.append(metrics_g["steps"])
     assert max(steps) > 0  # some searches moved the bounds
 
