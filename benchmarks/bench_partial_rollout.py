@@ -1,10 +1,12 @@
 """Rollout throughput with and without the token budget on a heavy-tailed response-length distribution.
 
-    python benchmarks/bench_partial_rollout.py [--steps 36 --warmup-steps 12 --groups 8 --n 4 --budget 32 --repeats 3]
+    python benchmarks/bench_partial_rollout.py [--engine hf|vllm] [--steps 36 --warmup-steps 12 --groups 8 --n 4 --budget 32 --repeats 3]
                                                [--at-cap force|lift] [--threshold N (wait)] [--inflight-factor F]
                                                [--hidden 64 --layers 2 (the random model's shape)]
 
-Both modes run the real ``hf`` rollout server in-process (tiny random Qwen2, CPU, no Ray) on the same
+Both modes run a real rollout server in-process: ``--engine hf`` the project's ``hf`` server (no Ray), ``--engine
+vllm`` verl's own vLLM server on vLLM's CPU build (``recipe.cpu_backend.testing.launch_vllm_server``: a local Ray
+instance, the engine in its own processes; decode-step counts are the hf engine's only), on a tiny random Qwen2 and the same
 prompts and the same per-response lengths (forced with ``ignore_eos`` and a per-response length: 90%
 of the responses 16-48 tokens, 12% 160-256, so the longest 10% are >= 4x the median; prompts of 16
 tokens), side by side in one
@@ -41,6 +43,9 @@ import tempfile
 import time
 from collections import Counter
 
+# the cpu platform before anything imports verl (recipe.partial does): verl resolves its platform once per process
+os.environ["VERL_PLATFORM"] = "cpu"
+
 from recipe.cpu_backend.testing import TinyModelSpec, build_tiny_model
 from recipe.partial.segments import BudgetPolicy, SegmentedGenerate
 from recipe.partial.store import LocalClock, PartialRolloutStore
@@ -53,12 +58,21 @@ def heavy_tailed_lengths(count: int, rng: random.Random) -> list[int]:
     return [rng.randint(*LONG) if rng.random() < LONG_SHARE else rng.randint(*SHORT) for _ in range(count)]
 
 
-def make_server(model_dir: str, max_len: int):
+async def make_server(model_dir: str, max_len: int, engine: str):
     from verl.workers.config import HFModelConfig, RolloutConfig
 
+    if engine == "vllm":
+        import ray
+
+        from recipe.cpu_backend.testing import launch_vllm_server
+
+        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+        server = await launch_vllm_server(model_dir, max_model_len=PROMPT_LENGTH + max_len, prompt_length=PROMPT_LENGTH,
+                                          response_length=max_len, max_num_seqs=256, max_num_batched_tokens=4096)
+        await server.set_global_steps(0)
+        return server
     from recipe.cpu_backend.server import HFRolloutServer
 
-    os.environ["VERL_PLATFORM"] = "cpu"
     rollout = RolloutConfig(name="hf", tensor_model_parallel_size=1, dtype="float32", prompt_length=PROMPT_LENGTH,
                             response_length=max_len, max_num_seqs=1024)
     server = HFRolloutServer(rollout, HFModelConfig(path=model_dir, override_config={"attn_implementation": "sdpa"}))
@@ -122,7 +136,10 @@ def time_forwards() -> None:
 
 
 def engine_stats(server) -> dict:
-    """Decode steps, mean rows per decode step and forward seconds since the last call (then reset)."""
+    """Decode steps, mean rows per decode step and forward seconds since the last call (then reset); hf only."""
+    stats = getattr(getattr(server, "engine", None), "stats", None)
+    if stats is None:  # vLLM: its scheduler's counters are not read here
+        return {"decode_steps": None, "mean_rows": None, "prefill_tokens": None, "prefill_s": None, "decode_s": None}
     stats = server.engine.stats
     out = {"decode_steps": stats.steps, "mean_rows": stats.decode_rows / max(stats.steps, 1),
            "prefill_tokens": stats.prefill_tokens, "prefill_s": FORWARD_S["prefill"], "decode_s": FORWARD_S["decode"]}
@@ -242,17 +259,22 @@ def main(argv=None) -> None:
                         help="colocate_budget.at_cap: at the in-flight cap force the oldest groups or lift the version's budget")
     parser.add_argument("--threshold", type=int, default=None,
                         help="staleness cap with strategy wait (max_off_policy_threshold); default: none (the paper)")
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="the rollout server (vllm: verl's, on vLLM's CPU build)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=TinyModelSpec.hidden_size, help="model width (random Qwen2)")
     parser.add_argument("--layers", type=int, default=TinyModelSpec.num_hidden_layers)
     args = parser.parse_args(argv)
+    if args.engine == "vllm":
+        for key, value in (("VLLM_CPU_KVCACHE_SPACE", "1"), ("TORCHDYNAMO_DISABLE", "1")):  # as configs/cpu_tiny.yaml
+            os.environ.setdefault(key, value)
+            print(f"{key}={os.environ[key]}")
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
+    heads = max(2, args.hidden // 32) if args.engine == "vllm" else max(4, args.hidden // 64)  # vLLM CPU: head_dim >= 32
     spec = TinyModelSpec(initializer_range=0.2, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=max(4, args.hidden // 64),
-                         num_key_value_heads=max(2, args.hidden // 128))
+                         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
     model_dir = build_tiny_model(tempfile.mkdtemp(prefix="bench_partial_"), spec)
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
     print(f"model: random Qwen2, hidden {args.hidden}, {args.layers} layers, {params / 1e6:.2f}M parameters, fp32")
@@ -260,8 +282,9 @@ def main(argv=None) -> None:
     lengths = sorted(length for _, ls in probe.groups for length in ls)
     median, top = statistics.median(lengths), lengths[int(0.9 * len(lengths)):]
     print(f"response lengths: median {median}, longest 10% >= {min(top)} ({min(top) / median:.1f}x median), max {lengths[-1]}")
-    server = make_server(model_dir, max_len=lengths[-1])
-    time_forwards()
+    server = None
+    if args.engine == "hf":
+        time_forwards()
     pool = (args.steps + args.warmup_steps) * args.groups * 4  # enough groups for either mode
 
     async def one_pair():
@@ -271,6 +294,8 @@ def main(argv=None) -> None:
         return full, budget
 
     async def pairs():
+        nonlocal server
+        server = await make_server(model_dir, lengths[-1], args.engine)
         await run_no_budget(server, Workload(pool, args.n, seed=1), 1, args.groups)  # warm-up (not counted)
         engine_stats(server)
         return [await one_pair() for _ in range(args.repeats)]
@@ -283,14 +308,16 @@ def main(argv=None) -> None:
         rates = {}
         for name, r in (("no budget", full), ("budget", budget)):
             rates[name] = r["trained"] / r["rollout_s"]
-            print(f"{name:<10} {r['trained']:>8} {r['rollout_s']:>10.2f} {rates[name]:>12.1f} {r['decode_steps']:>13} "
-                  f"{r['mean_rows']:>10.1f} {r['prefill_tokens']:>12} {r['prefill_s']:>10.2f} {r['decode_s']:>9.2f}")
+            hf = r["decode_steps"] is not None
+            print(f"{name:<10} {r['trained']:>8} {r['rollout_s']:>10.2f} {rates[name]:>12.1f} "
+                  + (f"{r['decode_steps']:>13} {r['mean_rows']:>10.1f} {r['prefill_tokens']:>12} {r['prefill_s']:>10.2f} "
+                     f"{r['decode_s']:>9.2f}" if hf else f"{'n/a':>13} {'n/a':>10} {'n/a':>12} {'n/a':>10} {'n/a':>9}"))
         ratios.append(rates["budget"] / rates["no budget"])
     full, budget = results[-1]
     share = budget["reprefill"] / (budget["reprefill"] + budget["generated"] + PROMPT_LENGTH * budget["trained"])
     print(f"speed-up (trained responses per rollout second, budget / no budget): median {statistics.median(ratios):.2f}x "
-          f"over {len(ratios)} alternating pairs {[round(r, 2) for r in ratios]} (target >= 1.3x); "
-          f"decode steps {full['decode_steps'] / budget['decode_steps']:.2f}x fewer")
+          f"over {len(ratios)} alternating pairs {[round(r, 2) for r in ratios]} (target >= 1.3x, hf; >= 1.5x, vllm)"
+          + (f"; decode steps {full['decode_steps'] / budget['decode_steps']:.2f}x fewer" if full["decode_steps"] else ""))
     best = {mode: min(pair[i]["rollout_s"] / pair[i]["trained"] for pair in results) for i, mode in enumerate(("no budget", "budget"))}
     print(f"fastest run of each mode (robust to load spikes on a shared machine): {best['no budget'] / best['budget']:.2f}x")
     tokens = [pair[1]["trained_tokens"] / pair[0]["trained_tokens"] for pair in results]

@@ -11,14 +11,18 @@ reason, checkpointed store records and the prompt groups still in TransferQueue 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_trainer_cpu import assert_succeeded, cpu_tiny, run_bapo
+from benchmarks.bench_cpu_engines import descendants
+from test_trainer_cpu import ROLLOUT, assert_succeeded, cpu_tiny, run_bapo
 
 pytestmark = pytest.mark.trainer
 BUDGET, N = 6, 2
@@ -31,7 +35,7 @@ def assets():
     return build_tiny_assets()
 
 
-def partial_run(assets, out: Path, *extra: str, **env):
+def partial_run(assets, out: Path, *extra: str, during=None, **env):
     overrides = cpu_tiny(
         assets, out,
         "+rollout=partial",
@@ -44,7 +48,7 @@ def partial_run(assets, out: Path, *extra: str, **env):
         "actor_rollout_ref.actor.ppo_epochs=1",
         *extra,
     )  # fmt: skip
-    proc, rows, _, wall = run_bapo(out, overrides, trace=False, **env)
+    proc, rows, _, wall = run_bapo(out, overrides, trace=False, during=during, **env)
     return proc, rows, read_trace(out / "ptrace"), wall
 
 
@@ -88,7 +92,7 @@ def check_budget(trace):
         versions = [v for v, _, _ in s["segments"]]
         assert versions == sorted(versions) and max(versions) <= step - 1  # generated before its training step
         engine = [w for _, _, w in s["segments"]]
-        assert engine == sorted(engine)  # the hf engine's own weight counter grows along the segments
+        assert engine == sorted(engine)  # an engine's own weight counter (hf; vLLM reports none: -1) never goes back
         spans.append(len(set(versions)))
     return spans
 
@@ -157,17 +161,46 @@ def check_budgeted_run(rows, trace, threshold: int):
     assert last["partial/sampler/refills"] + last["partial/sampler/forced_groups"] > 0
 
 
-def test_kill_and_resume_continue_parked_sessions(assets, tmp_path):
-    """Run A (budget B, drop at 7 versions) trains steps 1-4 (the budgeted-run checks), saves at step 3 and
-    dies at step 5; B resumes from step 3: the sessions parked at the checkpoint continue from exactly their
-    stored tokens, and the ledger over A and B loses nothing and trains nothing twice. Negative control C
-    (a copy of A's checkpoint, persistence off): they restart from zero tokens."""
-    ckpt = ["trainer.save_freq=3", "trainer.total_training_steps=5", "trainer.v1.sampler.max_off_policy_threshold=7"]
-    a = tmp_path / "a"
-    proc_a, rows_a, trace_a, _ = partial_run(assets, a, *ckpt, BAPO_PARTIAL_TEST_KILL_AT_STEP="5")
-    assert proc_a.returncode != 0 and "test-only failure" in proc_a.stdout + proc_a.stderr
-    assert [r["step"] for r in rows_a] == [1, 2, 3, 4]
-    check_budgeted_run(rows_a, trace_a, threshold=7)
+def kill_the_vllm_engine_after(step: int, fault: dict):
+    """Fault injection for ``run_bapo(during=...)``: once ``step`` is logged, SIGKILL the run's vLLM engine
+    processes (``VLLM::EngineCore``: the scheduler and model of verl's vLLM server) in the middle of the next step."""
+
+    def during(proc, metrics: Path):
+        while proc.poll() is None:
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            if any(json.loads(line)["step"] >= step for line in lines):
+                time.sleep(1.0)  # into the next step's generation
+                for pid in descendants(proc.pid):
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as f:
+                            if f.read().startswith(b"VLLM::EngineCore"):
+                                os.kill(pid, signal.SIGKILL)
+                                fault.setdefault("pids", []).append(pid)
+                    except (OSError, ProcessLookupError):
+                        continue
+                fault["at"] = time.perf_counter()
+                return
+            time.sleep(0.2)
+
+    return during
+
+
+def test_engine_death_fails_the_run_and_resume_continues_parked_sessions(assets, tmp_path):
+    """Run A (budget B, drop at 7 versions) trains steps 1-4 (the budgeted-run checks), saves at step 3; then its
+    vLLM engine is killed: the run fails within a bounded time saying the engine died. B resumes from step 3:
+    the sessions parked at the checkpoint continue from exactly their stored tokens, and the ledger over A and
+    B loses nothing and trains nothing twice. Negative control C (a copy of A's checkpoint, persistence off):
+    they restart from zero tokens."""
+    ckpt = ["trainer.save_freq=3", "trainer.total_training_steps=6", "trainer.v1.sampler.max_off_policy_threshold=7"]
+    a, fault = tmp_path / "a", {}
+    proc_a, rows_a, trace_a, _ = partial_run(assets, a, *ckpt, during=kill_the_vllm_engine_after(4, fault))
+    ended = time.perf_counter()
+    assert ROLLOUT != "vllm" or fault.get("pids"), "no vLLM engine process was found to kill"
+    assert proc_a.returncode != 0, proc_a.stdout[-2000:]
+    assert ended - fault["at"] < 240, f"the run took {ended - fault['at']:.0f} s to fail after its engine died"
+    assert "EngineDeadError" in proc_a.stdout + proc_a.stderr  # the error names what died
+    assert [r["step"] for r in rows_a][:4] == [1, 2, 3, 4] and len(rows_a) <= 5
+    check_budgeted_run(rows_a[:4], trace_a, threshold=7)
     saved = next(r for r in trace_a if r["kind"] == "checkpoint" and r["step"] == 3)["records"]
     parked = {k: r for k, r in saved.items() if r["status"] != "finished" and r["token_ids"]}
     assert parked, "nothing was parked at the checkpoint: the test would prove nothing"
@@ -175,8 +208,8 @@ def test_kill_and_resume_continue_parked_sessions(assets, tmp_path):
     shutil.copytree(a / "ckpt", tmp_path / "ckpt_copy")
     runs = {}
     for name, persist, folder in (("b", True, a / "ckpt"), ("c", False, tmp_path / "ckpt_copy")):
-        proc, rows, trace, _ = partial_run(assets, tmp_path / name, *ckpt, f"trainer.default_local_dir={folder}",
-                                           "trainer.resume_mode=auto",
+        proc, rows, trace, _ = partial_run(assets, tmp_path / name, ckpt[0], "trainer.total_training_steps=5",
+                                           ckpt[2], f"trainer.default_local_dir={folder}", "trainer.resume_mode=auto",
                                            f"trainer.v1.colocate_budget.persist_partial={persist}")
         assert_succeeded(proc)
         assert [r["step"] for r in rows] == [4, 5]

@@ -1,7 +1,7 @@
 """The real verl 0.9.1 trainer on CPU with BAPO: `python -m recipe.bapo.main_bapo --config-name cpu_tiny`.
 
-Ray, verl's FSDP2 actor on gloo, the hf rollout server, the math reward and the registered BAPO loss
-with its per-update hook, on the tiny warm-started model. Each test is one trainer run in a
+Ray, verl's FSDP2 actor on gloo, verl's own vLLM server on vLLM's CPU build (the rollout every GPU user runs),
+the math reward and the registered BAPO loss with its per-update hook, on the tiny warm-started model. Each test is one trainer run in a
 subprocess (they run one after another). The per-update trace (BAPO_TRACE_DIR, with tensors) shows
 what verl's averaged metrics cannot: the bounds of every update and of every micro-batch.
 """
@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.trainer
 ROOT = Path(__file__).resolve().parents[1]
 # the paper's search, with a higher target so that stale updates walk the path more often in short runs
 SPEC = ClipSearchSpec(rho_target=0.5)
+# the GPU path: verl's vLLMHttpServer (weight sync, abort/resume, log-probs) on vLLM's CPU build
+ROLLOUT = "vllm"
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +35,10 @@ def assets():
     return build_tiny_assets()
 
 
-def run_bapo(out_dir: Path, overrides: list[str], entry: str = "recipe.bapo.main_bapo", trace: bool = True, **env):
-    """One trainer run; returns (process, metrics rows, trace records, wall seconds)."""
+def run_bapo(out_dir: Path, overrides: list[str], entry: str = "recipe.bapo.main_bapo", trace: bool = True,
+             during=None, **env):
+    """One trainer run; returns (process, metrics rows, trace records, wall seconds). ``during(proc, metrics_path)``
+    runs in a thread while the trainer runs (fault injection)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics, trace_dir = out_dir / "metrics.jsonl", out_dir / "trace"
     child_env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "RAY_ADDRESS", "RANK")}
@@ -41,9 +46,17 @@ def run_bapo(out_dir: Path, overrides: list[str], entry: str = "recipe.bapo.main
     if trace:
         child_env.update(BAPO_TRACE_DIR=str(trace_dir), BAPO_TRACE_TENSORS="1")
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", entry, *overrides], cwd=out_dir, env=child_env, capture_output=True, text=True, timeout=900
-    )
+    popen = subprocess.Popen([sys.executable, "-m", entry, *overrides], cwd=out_dir, env=child_env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if during is not None:
+        threading.Thread(target=during, args=(popen, metrics), daemon=True).start()
+    try:
+        stdout, stderr = popen.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        stdout, stderr = popen.communicate()
+        raise AssertionError(f"trainer run timed out after 900 s:\n{stdout[-3000:]}\n{stderr[-5000:]}") from None
+    proc = subprocess.CompletedProcess(popen.args, popen.returncode, stdout, stderr)
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     records = []
@@ -53,9 +66,10 @@ def run_bapo(out_dir: Path, overrides: list[str], entry: str = "recipe.bapo.main
     return proc, rows, records, wall
 
 
-def cpu_tiny(assets, out_dir: Path, *extra: str) -> list[str]:
+def cpu_tiny(assets, out_dir: Path, *extra: str, rollout: str = ROLLOUT) -> list[str]:
     return [
         "--config-name", "cpu_tiny",
+        f"actor_rollout_ref.rollout.name={rollout}",
         f"actor_rollout_ref.model.path={assets.model_dir}",
         f"data.train_files={assets.train_file}",
         f"data.val_files={assets.test_file}",
@@ -118,16 +132,22 @@ def check_metrics(rows, steps, rollout_probs_checked: bool = True):
             assert f"actor/bapo/{key}" in data, key
         assert data["actor/bapo/bounds_from_update"] == 1.0
         if rollout_probs_checked:  # verl compares rollout and old log-probs only when it recomputes the latter
-            assert data["training/rollout_probs_diff_max"] < 1e-5  # the hf rollout has the actor's weights
+            assert data["training/rollout_probs_diff_max"] < 1e-5  # the rollout has the actor's weights (fp32)
 
 
-def test_two_ranks_with_staleness_pick_identical_bounds_and_checkpoint(assets, tmp_path_factory):
+@pytest.fixture(scope="module")
+def two_ranks(assets, tmp_path_factory):
+    """v0 trainer, 2 ranks, 2 steps with a checkpoint at step 2 (the resume test continues from it)."""
+    out = tmp_path_factory.getbasetemp() / "two_ranks"
+    overrides = cpu_tiny(assets, out, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=2", "trainer.save_freq=2")
+    return out, *run_bapo(out, overrides)
+
+
+def test_two_ranks_with_staleness_pick_identical_bounds_and_checkpoint(two_ranks):
     """v0 trainer, 2 ranks: 2 steps x 8 optimizer updates (staleness 8), every update's bounds equal on both
     ranks and to a search over the union of their loss ratios; the r = 1 shortcut only on each step's first
     update (both ranks agree); a checkpoint at step 2."""
-    out = tmp_path_factory.getbasetemp() / "two_ranks"
-    overrides = cpu_tiny(assets, out, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=2", "trainer.save_freq=2")
-    proc, rows, records, _ = run_bapo(out, overrides)
+    out, proc, rows, records, _ = two_ranks
     assert_succeeded(proc)
     check_metrics(rows, [1, 2])
     updates = check_updates(records, out / "trace", world_size=2)
@@ -142,9 +162,9 @@ def test_two_ranks_with_staleness_pick_identical_bounds_and_checkpoint(assets, t
     assert a.shape != b.shape or not torch.equal(a, b)
 
 
-def test_v0_trainer_resumes_from_the_checkpoint(assets, tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "two_ranks"  # same checkpoint folder as the run above
-    assert (out / "ckpt" / "global_step_2").is_dir(), "needs test_two_ranks_with_staleness_pick_identical_bounds_and_checkpoint"
+def test_v0_trainer_resumes_from_the_checkpoint(assets, two_ranks, tmp_path_factory):
+    out, proc, *_ = two_ranks
+    assert_succeeded(proc)
     resumed = tmp_path_factory.getbasetemp() / "two_ranks_resumed"
     overrides = cpu_tiny(assets, out, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=3", "trainer.resume_mode=auto")
     proc, rows, _, _ = run_bapo(resumed, overrides, trace=False)
@@ -170,7 +190,8 @@ def test_v1_colocate_async_bapo_in_bypass_mode(assets, tmp_path_factory):
 
 def test_hf_rollout_without_cpu_platform_fails_before_ray(assets, tmp_path):
     """Without VERL_PLATFORM=cpu the CPU backend registers nothing; main_bapo's own check must say what to set."""
-    overrides = cpu_tiny(assets, tmp_path, "trainer.total_training_steps=1", "~ray_kwargs.ray_init.runtime_env.env_vars.VERL_PLATFORM")
+    overrides = cpu_tiny(assets, tmp_path, "trainer.total_training_steps=1", "~ray_kwargs.ray_init.runtime_env.env_vars.VERL_PLATFORM",
+                         rollout="hf")
     proc, _, _, wall = run_bapo(tmp_path, overrides, trace=False)
     assert proc.returncode != 0
     assert "export VERL_PLATFORM=cpu" in proc.stderr

@@ -5,9 +5,7 @@ process, so the cpu platform must be chosen before anything imports verl). One s
 ``vLLMReplica`` launches it (HYBRID mode, dummy weights, then the actor's weights through verl's weight sync),
 on a random tiny Qwen2 whose vocabulary equals its tokenizer's (see ``TinyAssetsParams.vocab_size``).
 
-Weights go in exactly as verl's trainer pushes them (``vllm_rollout.ServerAdapter.update_weights``): a
-``BucketedWeightSender`` on the trainer side (shared memory: the cpu platform has no CUDA IPC) and the
-server's ``collective_rpc("update_weights_from_ipc")`` on the vLLM worker side. Without the oneDNN shim
+Weights go in exactly as verl's trainer pushes them (``recipe.cpu_backend.testing.push_weights``). Without the oneDNN shim
 (``recipe/cpu_backend/vllm_shims.py``) that update asserts on an emptied weight.
 """
 
@@ -22,13 +20,23 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from recipe.cpu_backend.testing import TinyModelSpec, build_tiny_model
+from recipe.cpu_backend.testing import VLLM_TINY_HEADS, TinyModelSpec, build_tiny_model, launch_vllm_server, push_weights
 from recipe.partial.segments import BudgetPolicy, SegmentedGenerate
 from recipe.partial.store import LocalClock, PartialRolloutStore
 
 assert os.environ.get("VERL_PLATFORM") == "cpu", "run through tests/test_vllm_cpu.py (needs VERL_PLATFORM=cpu)"
 EOS = 256
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "logprobs": True}
+LONG = 400  # tokens: requests still running when they are aborted
+
+
+async def until_running(server, count: int) -> None:
+    """Until vLLM holds ``count`` requests (then an abort finds them mid-generation)."""
+    for _ in range(500):
+        if len(server.server.engine.output_processor.request_states) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("the requests never reached vLLM")
 
 
 class Server:
@@ -36,39 +44,18 @@ class Server:
 
     def __init__(self, model_dir: str):
         import ray
-        from verl.workers.config import HFModelConfig, RolloutConfig
-        from verl.workers.rollout.replica import RolloutMode
-        from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer
 
         ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
-        self.config = RolloutConfig(
-            name="vllm", tensor_model_parallel_size=1, dtype="float32", enforce_eager=True, enable_sleep_mode=False,
-            max_model_len=256, prompt_length=64, response_length=64, max_num_seqs=16, max_num_batched_tokens=1024,
-            load_format="dummy", free_cache_engine=True, n_gpus_per_node=1, nnodes=1,
-        )  # fmt: skip
-        self.model_config = HFModelConfig(path=model_dir)
-        self.server = vLLMHttpServer(self.config, self.model_config, RolloutMode.HYBRID, workers=[], replica_rank=0,
-                                     node_rank=0, gpus_per_node=1, nnodes=1, cuda_visible_devices="0")
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.run(self.server.launch_server())
-        self.job_id = ray.get_runtime_context().get_job_id()
+        self.server = self.run(launch_vllm_server(model_dir, max_model_len=512, prompt_length=64, response_length=448,
+                                                  max_num_seqs=16, max_num_batched_tokens=1024))
 
     def run(self, coro, timeout: float = 300):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def push(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """verl's weight sync, trainer side and server side, then the step stamp."""
-        from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightSender
-
-        handle = f"ipc:///tmp/rl-colocate-zmq-{self.job_id}-replica-0-rank-0.sock"  # ServerAdapter's naming
-        receive = asyncio.ensure_future(self.server.collective_rpc("update_weights_from_ipc", kwargs={"use_shm": True}))
-        sender = BucketedWeightSender(zmq_handle=handle, use_shm=True,
-                                      bucket_size_mb=self.config.checkpoint_engine.update_weights_bucket_megabytes)
-        await asyncio.to_thread(lambda: asyncio.run(sender.async_send_weights(iter(state.items()))))
-        await receive
-        await self.server.clear_kv_cache()
-        await self.server.set_global_steps(version)
+        await push_weights(self.server, state, version)
 
     def close(self):
         import ray
@@ -80,8 +67,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    # head_dim 32: vLLM's CPU attention kernels have no head_dim 16 (TinyModelSpec's default) and fail at the first step
-    spec = TinyModelSpec(num_attention_heads=2, num_key_value_heads=1, initializer_range=0.2)
+    spec = TinyModelSpec(**VLLM_TINY_HEADS, initializer_range=0.2)
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny_qwen2_vllm")), spec)
 
 
@@ -202,11 +188,11 @@ def test_each_segment_has_the_log_probs_of_the_version_that_produced_it(server, 
 
 def test_abort_all_returns_partial_output_and_holds_new_requests_until_resume(server):
     """What verl's colocate_async / colocate_budget modes rely on at the end of sampling."""
-    long = {"temperature": 1.0, "logprobs": True, "max_tokens": 200, "ignore_eos": True}
+    long = {"temperature": 1.0, "logprobs": True, "max_tokens": LONG, "ignore_eos": True}
 
     async def run():
         tasks = [asyncio.ensure_future(server.server.generate(p, dict(long), f"long{i}")) for i, p in enumerate(prompts(4))]
-        await asyncio.sleep(0.5)
+        await until_running(server, 4)
         aborted = await server.server.abort_all_requests()
         held = asyncio.ensure_future(server.server.generate(prompts(1)[0], dict(GREEDY, max_tokens=4), "held"))
         outs = await asyncio.gather(*tasks)
@@ -220,7 +206,7 @@ def test_abort_all_returns_partial_output_and_holds_new_requests_until_resume(se
     partial = [o for o in outs if o.stop_reason == "aborted"]
     assert partial, [(o.stop_reason, len(o.token_ids)) for o in outs]
     for o in partial:
-        assert len(o.token_ids) < 200 and len(o.log_probs) == len(o.token_ids)
+        assert len(o.token_ids) < LONG and len(o.log_probs) == len(o.token_ids)
     assert not held_before_resume and len(held.token_ids) == 4
 
 
@@ -229,15 +215,15 @@ def test_verl_abort_request_does_not_find_a_running_request(server):
     ``output_processor.request_states``, which vLLM 0.24 keys by internal ids: it answers "not found" for a
     running request on any device. The project's partial rollout uses ``abort_all_requests`` only. This test
     fails once verl fixes it (then the README's note can go)."""
-    long = {"temperature": 1.0, "logprobs": True, "max_tokens": 200, "ignore_eos": True}
+    long = {"temperature": 1.0, "logprobs": True, "max_tokens": LONG, "ignore_eos": True}
 
     async def run():
         task = asyncio.ensure_future(server.server.generate(prompts(1)[0], dict(long), "single"))
-        await asyncio.sleep(0.5)
+        await until_running(server, 1)
         answer = await server.server.abort_request("single")
         await server.server.engine.abort("single")  # vLLM's own API maps the external id
         return answer, await task
 
     answer, out = server.run(run())
     assert not answer.get("aborted"), answer
-    assert out.stop_reason == "aborted" and len(out.token_ids) < 200
+    assert out.stop_reason == "aborted" and len(out.token_ids) < LONG

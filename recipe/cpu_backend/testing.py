@@ -36,3 +36,49 @@ def build_tiny_model(out_dir: str, spec: TinyModelSpec = TinyModelSpec()) -> str
     shape = {k: v for k, v in dataclasses.asdict(spec).items() if k != "seed"}
     qwen2_model(build_tokenizer(out_dir), seed=spec.seed, **shape).save_pretrained(out_dir)
     return out_dir
+
+
+# vLLM's CPU attention kernels have no head_dim 16 (TinyModelSpec's default: 64 / 4 heads); this shape has 32
+VLLM_TINY_HEADS = {"num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+async def launch_vllm_server(model_dir: str, **rollout):
+    """verl's own ``vLLMHttpServer`` in this process, launched as ``vLLMReplica`` launches it (HYBRID mode, dummy
+    weights until the first ``push_weights``) with the CPU settings of ``configs/cpu_tiny.yaml``.
+
+    Needs ``ray.init`` and ``VERL_PLATFORM=cpu`` (set before verl is imported) and ``VLLM_CPU_KVCACHE_SPACE``.
+    ``rollout`` are ``RolloutConfig`` fields (lengths, ``max_num_seqs``, ...). Call from the event loop that
+    will use the server: vLLM's engine runs its output handler on that loop.
+    """
+    from verl.workers.config import HFModelConfig, RolloutConfig
+    from verl.workers.rollout.replica import RolloutMode
+    from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer
+
+    config = RolloutConfig(name="vllm", tensor_model_parallel_size=1, dtype="float32", enforce_eager=True,
+                           enable_sleep_mode=False, load_format="dummy", free_cache_engine=True, n_gpus_per_node=1,
+                           nnodes=1, **rollout)
+    server = vLLMHttpServer(config, HFModelConfig(path=model_dir), RolloutMode.HYBRID, workers=[], replica_rank=0,
+                            node_rank=0, gpus_per_node=1, nnodes=1, cuda_visible_devices="0")
+    await server.launch_server()
+    return server
+
+
+async def push_weights(server, state: dict, version: int) -> None:
+    """verl's weight sync as its trainer runs it (``vllm_rollout.ServerAdapter.update_weights``): a
+    ``BucketedWeightSender`` over shared memory (the cpu platform has no CUDA IPC) on the trainer side, the
+    server's ``collective_rpc("update_weights_from_ipc")`` on the vLLM worker side; then the KV cache is
+    cleared and the policy version stamped, as the trainer does after an update."""
+    import asyncio
+
+    import ray
+    from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightSender
+
+    # ServerAdapter's socket name (replica 0, local rank 0 of this Ray job)
+    handle = f"ipc:///tmp/rl-colocate-zmq-{ray.get_runtime_context().get_job_id()}-replica-0-rank-0.sock"
+    receive = asyncio.ensure_future(server.collective_rpc("update_weights_from_ipc", kwargs={"use_shm": True}))
+    sender = BucketedWeightSender(zmq_handle=handle, use_shm=True,
+                                  bucket_size_mb=server.config.checkpoint_engine.update_weights_bucket_megabytes)
+    await asyncio.to_thread(lambda: asyncio.run(sender.async_send_weights(iter(state.items()))))
+    await receive
+    await server.clear_kv_cache()
+    await server.set_global_steps(version)

@@ -47,7 +47,6 @@ from .store import STORE_ACTOR_NAME, PartialRolloutStore
 logger = logging.getLogger(__name__)
 STORE_FILE = "partial_rollout.pt"
 QUIESCE_S = 5.0  # how long a checkpoint waits for aborted calls to report
-KILL_ENV = "BAPO_PARTIAL_TEST_KILL_AT_STEP"  # tests only: fail at the start of this step
 
 
 class TraceWriter:
@@ -109,10 +108,6 @@ class PPOTrainerColocateBudget(PPOTrainerColocateAsync):
 
     def on_train_begin(self):
         self._add_async_warmup_batches(self.partial.num_warmup_batches)
-
-    def on_step_begin(self):
-        if os.environ.get(KILL_ENV) == str(self.global_steps):
-            raise RuntimeError(f"{KILL_ENV}={self.global_steps}: test-only failure at the start of the step")
 
     def on_step_end(self):
         super().on_step_end()
