@@ -1,5 +1,6 @@
-"""The two CPU rollout engines side by side on the demo's run: the project's `hf` engine vs verl's vLLM server on
-vLLM's CPU build (issue: keep our engine only if the numbers say so).
+"""CPU rollout engines side by side on the demo's run. Written to compare the project's former `hf` engine with
+verl's vLLM server on vLLM's CPU build (docs/cpu_engines/: vLLM won, and the `hf` engine was deleted after commit
+30fede2; check that commit out to rerun the comparison); today it measures the vLLM rollout.
 
 Each run is the demo's BAPO run (`configs/regime/cpu_stress_g8.yaml`, staleness 8e4, seed 0, 20 steps) with
 `actor_rollout_ref.rollout.name=<engine>`, one at a time, engines alternating, `--repeats` times each. Per run:
@@ -9,7 +10,7 @@ tree: Ray, every worker, vLLM's engine processes; shared libraries counted once)
 log-prob difference (`training/rollout_probs_diff_max`, `_mean`). Same-seed repeatability: whether two runs of
 one engine log identical metrics (train reward per step, val accuracy, rollout responses' lengths).
 
-    python benchmarks/bench_cpu_engines.py [--steps 20] [--repeats 2] [--engines hf,vllm] [--out runs/bench_engines]
+    python benchmarks/bench_cpu_engines.py [--steps 20] [--repeats 2] [--engines vllm] [--out runs/bench_engines]
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--engines", default="hf,vllm")
+    parser.add_argument("--engines", default="vllm", help="comma-separated rollout names (hf: at commit 30fede2 or before)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_engines"))
     args = parser.parse_args(argv)
     engines = args.engines.split(",")

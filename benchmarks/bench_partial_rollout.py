@@ -1,12 +1,11 @@
 """Rollout throughput with and without the token budget on a heavy-tailed response-length distribution.
 
-    python benchmarks/bench_partial_rollout.py [--engine hf|vllm] [--steps 36 --warmup-steps 12 --groups 8 --n 4 --budget 32 --repeats 3]
+    python benchmarks/bench_partial_rollout.py [--steps 36 --warmup-steps 12 --groups 8 --n 4 --budget 32 --repeats 3]
                                                [--at-cap force|lift] [--threshold N (wait)] [--inflight-factor F]
                                                [--hidden 64 --layers 2 (the random model's shape)]
 
-Both modes run a real rollout server in-process: ``--engine hf`` the project's ``hf`` server (no Ray), ``--engine
-vllm`` verl's own vLLM server on vLLM's CPU build (``recipe.cpu_backend.testing.launch_vllm_server``: a local Ray
-instance, the engine in its own processes; decode-step counts are the hf engine's only), on a tiny random Qwen2 and the same
+Both modes run verl's own vLLM server on vLLM's CPU build in-process (``recipe.cpu_backend.testing.launch_vllm_server``:
+a local Ray instance, the engine in its own processes), on a tiny random Qwen2 and the same
 prompts and the same per-response lengths (forced with ``ignore_eos`` and a per-response length: 90%
 of the responses 16-48 tokens, 12% 160-256, so the longest 10% are >= 4x the median; prompts of 16
 tokens), side by side in one
@@ -58,25 +57,15 @@ def heavy_tailed_lengths(count: int, rng: random.Random) -> list[int]:
     return [rng.randint(*LONG) if rng.random() < LONG_SHARE else rng.randint(*SHORT) for _ in range(count)]
 
 
-async def make_server(model_dir: str, max_len: int, engine: str):
-    from verl.workers.config import HFModelConfig, RolloutConfig
+async def make_server(model_dir: str, max_len: int):
+    import ray
 
-    if engine == "vllm":
-        import ray
+    from recipe.cpu_backend.testing import launch_vllm_server
 
-        from recipe.cpu_backend.testing import launch_vllm_server
-
-        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
-        server = await launch_vllm_server(model_dir, max_model_len=PROMPT_LENGTH + max_len, prompt_length=PROMPT_LENGTH,
-                                          response_length=max_len, max_num_seqs=256, max_num_batched_tokens=4096)
-        await server.set_global_steps(0)
-        return server
-    from recipe.cpu_backend.server import HFRolloutServer
-
-    rollout = RolloutConfig(name="hf", tensor_model_parallel_size=1, dtype="float32", prompt_length=PROMPT_LENGTH,
-                            response_length=max_len, max_num_seqs=1024)
-    server = HFRolloutServer(rollout, HFModelConfig(path=model_dir, override_config={"attn_implementation": "sdpa"}))
-    server.global_steps = 0
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+    server = await launch_vllm_server(model_dir, max_model_len=PROMPT_LENGTH + max_len, prompt_length=PROMPT_LENGTH,
+                                      response_length=max_len, max_num_seqs=256, max_num_batched_tokens=4096)
+    await server.set_global_steps(0)
     return server
 
 
@@ -112,40 +101,7 @@ async def run_no_budget(server, work: Workload, steps: int, groups: int) -> dict
         rollout_s += time.perf_counter() - start
         trained += len(calls)
         trained_tokens += sum(len(o.token_ids) for o in outputs)
-    return {"rollout_s": rollout_s, "trained": trained, "trained_tokens": trained_tokens, **engine_stats(server)}
-
-
-FORWARD_S = {"prefill": 0.0, "decode": 0.0}
-
-
-def time_forwards() -> None:
-    """Accumulate the wall time of the engine's prefill and decode forwards in FORWARD_S."""
-    from recipe.cpu_backend import engine
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                FORWARD_S[name] += time.perf_counter() - start
-
-        return wrapper
-
-    engine.prefill, engine.decode_step = timed("prefill", engine.prefill), timed("decode", engine.decode_step)
-
-
-def engine_stats(server) -> dict:
-    """Decode steps, mean rows per decode step and forward seconds since the last call (then reset); hf only."""
-    stats = getattr(getattr(server, "engine", None), "stats", None)
-    if stats is None:  # vLLM: its scheduler's counters are not read here
-        return {"decode_steps": None, "mean_rows": None, "prefill_tokens": None, "prefill_s": None, "decode_s": None}
-    stats = server.engine.stats
-    out = {"decode_steps": stats.steps, "mean_rows": stats.decode_rows / max(stats.steps, 1),
-           "prefill_tokens": stats.prefill_tokens, "prefill_s": FORWARD_S["prefill"], "decode_s": FORWARD_S["decode"]}
-    stats.steps = stats.decode_rows = stats.prefill_tokens = 0
-    FORWARD_S.update(prefill=0.0, decode=0.0)
-    return out
+    return {"rollout_s": rollout_s, "trained": trained, "trained_tokens": trained_tokens}
 
 
 async def run_budget(server, work: Workload, steps: int, groups: int, budget: int, warmup_steps: int = 0,
@@ -186,7 +142,6 @@ async def run_budget(server, work: Workload, steps: int, groups: int, budget: in
         if step == warmup_steps:  # measure from here
             rollout_s, trained, base = 0.0, 0, dict(store.counters)
             trained_tokens, spans, gen_spans, stale_token_steps = 0, [], [], 0
-            engine_stats(server)
         if step:
             for _ in range(groups):
                 dispatch()
@@ -242,7 +197,7 @@ async def run_budget(server, work: Workload, steps: int, groups: int, budget: in
             "generated": counters["tokens_generated"], "calls": counters["calls"], "trained_tokens": trained_tokens,
             "inflight_cap": cap, "mean_span": statistics.mean(spans), "max_span": max(spans),
             "max_gen_span": max(gen_spans),
-            "token_staleness": stale_token_steps / trained_tokens, **engine_stats(server)}
+            "token_staleness": stale_token_steps / trained_tokens}
 
 
 def main(argv=None) -> None:
@@ -259,20 +214,18 @@ def main(argv=None) -> None:
                         help="colocate_budget.at_cap: at the in-flight cap force the oldest groups or lift the version's budget")
     parser.add_argument("--threshold", type=int, default=None,
                         help="staleness cap with strategy wait (max_off_policy_threshold); default: none (the paper)")
-    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="the rollout server (vllm: verl's, on vLLM's CPU build)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=TinyModelSpec.hidden_size, help="model width (random Qwen2)")
     parser.add_argument("--layers", type=int, default=TinyModelSpec.num_hidden_layers)
     args = parser.parse_args(argv)
-    if args.engine == "vllm":
-        for key, value in (("VLLM_CPU_KVCACHE_SPACE", "1"), ("TORCHDYNAMO_DISABLE", "1")):  # as configs/cpu_tiny.yaml
-            os.environ.setdefault(key, value)
-            print(f"{key}={os.environ[key]}")
+    for key, value in (("VLLM_CPU_KVCACHE_SPACE", "1"), ("TORCHDYNAMO_DISABLE", "1")):  # as configs/cpu_tiny.yaml
+        os.environ.setdefault(key, value)
+        print(f"{key}={os.environ[key]}")
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    heads = max(2, args.hidden // 32) if args.engine == "vllm" else max(4, args.hidden // 64)  # vLLM CPU: head_dim >= 32
+    heads = max(2, args.hidden // 32)  # head_dim 32: vLLM's CPU attention has no kernel for 16
     spec = TinyModelSpec(initializer_range=0.2, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
     model_dir = build_tiny_model(tempfile.mkdtemp(prefix="bench_partial_"), spec)
@@ -283,8 +236,6 @@ def main(argv=None) -> None:
     median, top = statistics.median(lengths), lengths[int(0.9 * len(lengths)):]
     print(f"response lengths: median {median}, longest 10% >= {min(top)} ({min(top) / median:.1f}x median), max {lengths[-1]}")
     server = None
-    if args.engine == "hf":
-        time_forwards()
     pool = (args.steps + args.warmup_steps) * args.groups * 4  # enough groups for either mode
 
     async def one_pair():
@@ -295,29 +246,23 @@ def main(argv=None) -> None:
 
     async def pairs():
         nonlocal server
-        server = await make_server(model_dir, lengths[-1], args.engine)
+        server = await make_server(model_dir, lengths[-1])
         await run_no_budget(server, Workload(pool, args.n, seed=1), 1, args.groups)  # warm-up (not counted)
-        engine_stats(server)
         return [await one_pair() for _ in range(args.repeats)]
 
     results = asyncio.run(pairs())  # the two modes alternate: machine load hits both alike
-    print(f"{'mode':<10} {'trained':>8} {'rollout s':>10} {'responses/s':>12} {'decode steps':>13} {'rows/step':>10} "
-          f"{'prefill tok':>12} {'prefill s':>10} {'decode s':>9}")
+    print(f"{'mode':<10} {'trained':>8} {'rollout s':>10} {'responses/s':>12}")
     ratios = []
     for full, budget in results:
         rates = {}
         for name, r in (("no budget", full), ("budget", budget)):
             rates[name] = r["trained"] / r["rollout_s"]
-            hf = r["decode_steps"] is not None
-            print(f"{name:<10} {r['trained']:>8} {r['rollout_s']:>10.2f} {rates[name]:>12.1f} "
-                  + (f"{r['decode_steps']:>13} {r['mean_rows']:>10.1f} {r['prefill_tokens']:>12} {r['prefill_s']:>10.2f} "
-                     f"{r['decode_s']:>9.2f}" if hf else f"{'n/a':>13} {'n/a':>10} {'n/a':>12} {'n/a':>10} {'n/a':>9}"))
+            print(f"{name:<10} {r['trained']:>8} {r['rollout_s']:>10.2f} {rates[name]:>12.1f}")
         ratios.append(rates["budget"] / rates["no budget"])
     full, budget = results[-1]
     share = budget["reprefill"] / (budget["reprefill"] + budget["generated"] + PROMPT_LENGTH * budget["trained"])
     print(f"speed-up (trained responses per rollout second, budget / no budget): median {statistics.median(ratios):.2f}x "
-          f"over {len(ratios)} alternating pairs {[round(r, 2) for r in ratios]} (target >= 1.3x, hf; >= 1.5x, vllm)"
-          + (f"; decode steps {full['decode_steps'] / budget['decode_steps']:.2f}x fewer" if full["decode_steps"] else ""))
+          f"over {len(ratios)} alternating pairs {[round(r, 2) for r in ratios]} (target >= 1.5x)")
     best = {mode: min(pair[i]["rollout_s"] / pair[i]["trained"] for pair in results) for i, mode in enumerate(("no budget", "budget"))}
     print(f"fastest run of each mode (robust to load spikes on a shared machine): {best['no budget'] / best['budget']:.2f}x")
     tokens = [pair[1]["trained_tokens"] / pair[0]["trained_tokens"] for pair in results]

@@ -2,7 +2,7 @@
 
 Generation goes through verl's own rollout: the trainer's validation pass in val-only mode
 (`trainer.val_only=True`, k samples per problem via `rollout.val_kwargs.n`, dumped per sample by
-`trainer.validation_data_dir`), i.e. vLLM on GPU and the hf backend on CPU, scored by the project's
+`trainer.validation_data_dir`), i.e. vLLM (on GPU, or its CPU build), scored by the project's
 math reward. Scoring reads those per-sample results back, so it can be re-run or checked offline.
 
     run_scripts/eval_aime.sh MODEL_PATH [k]                         # the user-facing wrapper
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", required=True, type=Path)
     run = sub.choices["run"]
     run.add_argument("--model", required=True, help="HF model directory or hub id")
-    run.add_argument("--cpu", action="store_true", help="use configs/cpu_tiny.yaml (hf rollout on CPU)")
+    run.add_argument("--cpu", action="store_true", help="use configs/cpu_tiny.yaml (vLLM's CPU build as the rollout)")
     run.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     run.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
     run.add_argument("--max-response-length", type=int, default=None,

@@ -8,7 +8,7 @@
 #   DATA                 parquet files, one benchmark per data_source [data/aime2024.parquet data/aime2025.parquet]
 #                        (made by run_scripts/prepare_data.sh)
 #   OUT                  output folder [runs/eval/<model dir name>-k<k>]
-#   DEVICE               gpu (vLLM, configs/bapo_trainer.yaml) or cpu (hf rollout, configs/cpu_tiny.yaml)
+#   DEVICE               gpu (vLLM, configs/bapo_trainer.yaml) or cpu (vLLM's CPU build, configs/cpu_tiny.yaml)
 #                        [gpu if nvidia-smi lists a GPU, else cpu]
 #   TEMPERATURE, TOP_P   sampling [0.6, 0.95] (the paper's)
 #   MAX_RESPONSE_LENGTH  [32768 on gpu, the config's on cpu]; match the run script of the model

@@ -26,8 +26,6 @@ pytestmark = pytest.mark.trainer
 ROOT = Path(__file__).resolve().parents[1]
 # the paper's search, with a higher target so that stale updates walk the path more often in short runs
 SPEC = ClipSearchSpec(rho_target=0.5)
-# the GPU path: verl's vLLMHttpServer (weight sync, abort/resume, log-probs) on vLLM's CPU build
-ROLLOUT = "vllm"
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +64,9 @@ def run_bapo(out_dir: Path, overrides: list[str], entry: str = "recipe.bapo.main
     return proc, rows, records, wall
 
 
-def cpu_tiny(assets, out_dir: Path, *extra: str, rollout: str = ROLLOUT) -> list[str]:
+def cpu_tiny(assets, out_dir: Path, *extra: str) -> list[str]:
     return [
-        "--config-name", "cpu_tiny",
-        f"actor_rollout_ref.rollout.name={rollout}",
+        "--config-name", "cpu_tiny",  # rollout: verl's vLLM server on vLLM's CPU build, as on a GPU
         f"actor_rollout_ref.model.path={assets.model_dir}",
         f"data.train_files={assets.train_file}",
         f"data.val_files={assets.test_file}",
@@ -188,10 +185,10 @@ def test_v1_colocate_async_bapo_in_bypass_mode(assets, tmp_path_factory):
     assert len(updates) == 2 * 8 and not any(u["ratio_assumed_one"] for u in updates)
 
 
-def test_hf_rollout_without_cpu_platform_fails_before_ray(assets, tmp_path):
-    """Without VERL_PLATFORM=cpu the CPU backend registers nothing; main_bapo's own check must say what to set."""
-    overrides = cpu_tiny(assets, tmp_path, "trainer.total_training_steps=1", "~ray_kwargs.ray_init.runtime_env.env_vars.VERL_PLATFORM",
-                         rollout="hf")
+def test_cpu_config_without_cpu_platform_fails_before_ray(assets, tmp_path):
+    """Without VERL_PLATFORM=cpu the CPU backend registers nothing (verl would turn trainer.device=cpu into
+    cuda); main_bapo's own check must say what to set, before Ray starts."""
+    overrides = cpu_tiny(assets, tmp_path, "trainer.total_training_steps=1", "~ray_kwargs.ray_init.runtime_env.env_vars.VERL_PLATFORM")
     proc, _, _, wall = run_bapo(tmp_path, overrides, trace=False)
     assert proc.returncode != 0
     assert "export VERL_PLATFORM=cpu" in proc.stderr

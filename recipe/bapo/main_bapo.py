@@ -49,7 +49,7 @@ def run_logged(args: list[str], log_path: Path, env: dict[str, str] | None = Non
 
 def project_checks(config: DictConfig) -> None:
     """The project's driver-side checks, before verl's validate_config and before Ray starts (the dry run
-    makes them too): the CPU backend's (rollout.name=hf without the cpu platform, CPU misconfigurations)
+    makes them too): the CPU backend's (trainer.device=cpu without the cpu platform, CPU misconfigurations)
     and a partial-rollout run's (trainer_mode=colocate_budget)."""
     from recipe import cpu_backend, partial
     from verl.trainer.ppo.utils import need_critic

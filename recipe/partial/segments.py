@@ -12,7 +12,7 @@ change while every request is aborted, so one call = one version).
 After a call the trajectory is
 * finished: the last token is an EOS / stop id (also exactly at the budget), the response length is
   used up, or the server stopped for another reason with fewer than ``max_tokens`` tokens;
-* parked: ``max_tokens`` tokens and no EOS (a budget hit: vLLM says "completed", hf says "length"),
+* parked: ``max_tokens`` tokens and no EOS (a budget hit: vLLM says "completed", other servers "length"),
   or "aborted" (verl's batch-full abort). A parked trajectory waits until the clock shows a version newer
   than the one that produced its last segment, or until it is forced, or (after a budget hit) until the
   sampler's progress rule lifts the budget of the current version.
@@ -72,10 +72,6 @@ class SessionRecord:
     @property
     def min_version(self) -> Optional[int]:
         return min(s[0] for s in self.segments) if self.segments else None
-
-    @property
-    def max_version(self) -> Optional[int]:
-        return max(s[0] for s in self.segments) if self.segments else None
 
     def tokens_at(self, version: int) -> int:
         return sum(s[1] for s in self.segments if s[0] == version)
@@ -150,7 +146,7 @@ def classify(n: int, last_token: Optional[int], stop_reason: Optional[str], max_
     if stop_reason in ABORTED_REASONS:
         return "aborted"
     if n >= max_tokens:
-        return "budget"  # vLLM reports "completed", hf "length": detected by count
+        return "budget"  # vLLM reports "completed", other servers "length": detected by count
     return "finished"  # stop string or another server-side stop before the budget
 
 

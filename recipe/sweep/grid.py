@@ -19,12 +19,13 @@ authors' 8x, 2 epochs of 4 mini-batches); the rollout data per step stays the sa
 reused changes. E must divide U and U / E the train batch size.
 
 *Seed* s sets every seed verl 0.9.1 reads in these runs: `data.seed` (train data order; null in verl's
-config = torch's default generator seed), `actor_rollout_ref.rollout.seed` (sampling: the hf backend seeds
-its per-request generators from seed + replica rank, vLLM likewise), `actor_rollout_ref.actor.data_loader_seed`
+config = torch's default generator seed), `actor_rollout_ref.rollout.seed` (sampling: vLLM seeds its engine
+with seed + replica rank), `actor_rollout_ref.actor.data_loader_seed`
 (mini-batch shuffle when `actor.shuffle` is on), the actor/ref engine seeds `fsdp_config.seed` (used
 with full determinism) and the critic's and reward model's seeds (unused here). The model itself is loaded
-from a checkpoint, so no seed enters its weights. Not reproducible bit for bit on CPU: the hf rollout draws
-each request's sampling seed from its seeded stream in arrival order, and requests arrive concurrently.
+from a checkpoint, so no seed enters its weights. Not reproducible bit for bit: vLLM draws every request's tokens
+from its one seeded generator in scheduling order, and requests arrive concurrently (two same-seed runs
+differ from step 1, docs/cpu_engines/).
 """
 
 from __future__ import annotations
