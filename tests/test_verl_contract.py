@@ -68,20 +68,19 @@ TRAINER = "recipe/partial/trainer.py (PPOTrainerColocateBudget)"
 SAMPLER = "recipe/partial/sampler.py (BudgetReplayBuffer)"
 AGENT = "recipe/partial/agent_loop.py (BudgetedSingleTurnAgentLoop)"
 CPU_REG = "recipe/cpu_backend/__init__.py (register)"
+CONFIG_CHECK = "recipe/cpu_backend/config_check.py (check_vllm_on_cpu)"
 PATCHES = "recipe/cpu_backend/patches.py (apply_cpu_fixes)"
 PLATFORM = "recipe/cpu_backend/platform.py (PlatformCPU)"
-ADAPTER = "recipe/cpu_backend/adapter.py (HFServerAdapter)"
-SERVER = "recipe/cpu_backend/server.py (HFRolloutServer, HFReplica)"
-KV = "recipe/cpu_backend/kv_batch.py (BatchKV, prefill, decode_step)"
 SHIMS = "recipe/cpu_backend/vllm_shims.py (register, vLLM general plugin)"
 ALIAS = "constraints/vllm_cpu_alias (the `vllm` 0.24.0+cpu distribution) and config_check.check_vllm_on_cpu"
 VLLM_CASES = "tests/vllm_server_cases.py (Server, until_running)"
+VLLM_TESTING = "recipe/cpu_backend/testing.py (launch_vllm_server, push_weights)"
+VLLM_DRIVERS = VLLM_CASES + ", benchmarks/bench_partial_rollout.py"
 
 ENGINE_WORKERS = "verl.workers.engine_workers"
 TRAINER_BASE = "verl.trainer.ppo.v1.trainer_colocate_async:PPOTrainerColocateAsync"
 REPLAY = "verl.trainer.ppo.v1.replay_buffer:ReplayBufferAsync"
 PLATFORM_BASE = "verl.plugin.platform.platform_base:PlatformBase"
-REPLICA = "verl.workers.rollout.replica:RolloutReplica"
 VLLM_SERVER = "verl.workers.rollout.vllm_rollout.vllm_async_server:vLLMHttpServer"
 
 PINS = [
@@ -156,7 +155,7 @@ PINS = [
     sig("verl.trainer.ppo.utils:need_reference_policy", "(config)", MAIN),
     sig("verl.utils.config:validate_config", "(config, use_reference_policy, use_critic)",
         MAIN + "; recipe/cpu_backend/config_check.py install_config_check (wraps it)"),
-    sig("verl.utils.config:omega_conf_to_dataclass", "(config, dataclass_type=None)", "recipe/dry_run/core.py, " + SERVER),
+    sig("verl.utils.config:omega_conf_to_dataclass", "(config, dataclass_type=None)", "recipe/dry_run/core.py"),
     sig("verl.utils.device:auto_set_device", "(config)", MAIN),
     sig("verl.utils.flops_counter:_estimate_qwen2_flops", "(config, tokens_sum, batch_seqlens, delta_time)",
         "recipe/dry_run/plan.py (ESTIMATE_FUNC[model_type](hf_config, tokens, seqlens, 1.0))"),
@@ -168,7 +167,6 @@ PINS = [
     sig(f"{TRAINER_BASE}._fetch_one_gen_batch", "(self)", TRAINER),
     sig(f"{TRAINER_BASE}.on_init_end", "(self)", TRAINER),
     sig(f"{TRAINER_BASE}.on_train_begin", "(self)", TRAINER),
-    sig(f"{TRAINER_BASE}.on_step_begin", "(self)", TRAINER),
     sig(f"{TRAINER_BASE}.on_step_end", "(self)", TRAINER),
     sig(f"{TRAINER_BASE}._save_checkpoint", "(self)", TRAINER),
     sig(f"{TRAINER_BASE}._load_checkpoint", "(self)", TRAINER),
@@ -215,7 +213,7 @@ PINS = [
     ], "recipe/partial/segments.py (extra_fields) and " + SAMPLER + " group_min_versions"),
     sig("verl.workers.rollout.replica:TokenOutput",
         "(*, token_ids, log_probs=None, routed_experts=None, stop_reason=None, num_preempted=None, extra_fields={})",
-        "recipe/partial/segments.py, " + SERVER),
+        "recipe/partial/segments.py (SegmentedGenerate)"),
     sig("transformers:GenerationConfig.from_pretrained",
         "(pretrained_model_name, config_file_name=None, cache_dir=None, force_download=False, local_files_only=False, "
         "token=None, revision='main', **kwargs)", AGENT + " stop_ids_of"),
@@ -223,9 +221,11 @@ PINS = [
     exists("verl.plugin.platform.platform_manager:_current_platform", CPU_REG),
     source("verl.plugin.platform.platform_manager:get_platform", ["_current_platform = _create_platform(name)"], CPU_REG),
     sig("verl.plugin.platform.platform_manager:PlatformRegistry.register", "(platform)", PLATFORM),
-    sig("verl.workers.rollout.replica:RolloutReplicaRegistry.register", "(name, loader)", CPU_REG),
-    exists("verl.workers.rollout.base:_ROLLOUT_REGISTRY", CPU_REG),
-    source("verl.workers.rollout.base:get_rollout_class", ["fqdn = _ROLLOUT_REGISTRY[(rollout_name, mode)]"], CPU_REG),
+    sig("verl.plugin.platform.platform_manager:_detect_platform_name", "()", "tests/test_cpu_backend.py (auto-detection)"),
+    source("verl.plugin.platform.platform_manager:_detect_platform_name", [  # why is_platform_available is False
+        'env_platform = os.environ.get("VERL_PLATFORM", "").strip().lower()',
+        "if instance.is_platform_available(use_smi_check=True):",
+    ], PLATFORM),
     sig("verl.utils.distributed:initialize_global_process_group_ray", "(timeout_second=None, backend=None)", PATCHES),
     source("verl.utils.distributed:initialize_global_process_group_ray",
            ['backend = backend or f"cpu:gloo,{get_device_name()}:{get_nccl_backend()}"'], PATCHES + " fix 1"),
@@ -257,61 +257,22 @@ PINS = [
     sig(f"{PLATFORM_BASE}.ray_noset_envvars", "(self)", PLATFORM),
     sig(f"{PLATFORM_BASE}.is_ipc_supported", "(self)", PLATFORM),
     sig(f"{PLATFORM_BASE}.cudart", "(self)", PLATFORM),
-    # ---------------------------------------------------------------- CPU backend: the hf rollout
-    sig("verl.workers.rollout.base:BaseRollout.__init__", "(self, config, model_config, device_mesh, *args, **kwargs)", ADAPTER),
-    sig("verl.workers.rollout.base:BaseRollout.update_weights", "(self, weights, wire_format='named_tensors', **kwargs)", ADAPTER),
-    sig("verl.workers.rollout.base:BaseRollout.resume", "(self, tags)", ADAPTER),
-    sig("verl.workers.rollout.base:BaseRollout.release", "(self)", ADAPTER),
-    source(f"{ENGINE_WORKERS}:ActorRolloutRefWorker.update_weights", [
-        "await self.rollout.update_weights(per_tensor_param, peft_config=peft_config, base_sync_done=True, global_steps=global_steps)",
-    ], ADAPTER + " update_weights"),
-    sig("verl.workers.rollout.utils:ensure_async_iterator", "(iterable)", ADAPTER),
+    # ---------------------------------------------------------------- CPU backend: vLLM settings, transformers names
     fields("verl.workers.config:RolloutConfig", [
-        "tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size", "checkpoint_engine",
-        "engine_kwargs", "logprobs_mode", "max_model_len", "max_num_seqs", "seed", "dtype", "ignore_eos",
-        "prompt_length", "response_length", "enforce_eager", "enable_sleep_mode", "max_num_batched_tokens",
-        "load_format", "free_cache_engine", "n_gpus_per_node", "nnodes", "name",
-    ], ADAPTER + ", " + SERVER + ", " + VLLM_CASES),
-    fields("verl.workers.config.rollout:CheckpointEngineConfig", ["update_weights_bucket_megabytes"], ADAPTER + ", " + VLLM_CASES),
-    fields("verl.workers.config:HFModelConfig",
-           ["path", "local_path", "hf_config", "tokenizer", "generation_config", "trust_remote_code"], SERVER),
-    sig(f"{REPLICA}.__init__",
-        "(self, replica_rank, config, model_config, gpus_per_node=8, is_reward_model=False, is_teacher_model=False, "
-        "name_suffix='')", SERVER),
-    sig(f"{REPLICA}.rollout_worker_use_gpu", "(self)", SERVER),
-    sig(f"{REPLICA}.launch_servers", "(self)", SERVER),
-    exists(f"{REPLICA}.max_concurrency", SERVER),
-    assigns(REPLICA, ["config", "model_config", "replica_rank", "rollout_mode", "workers", "servers", "is_reward_model",
-                      "is_teacher_model", "name_suffix", "_server_handle", "_server_address"], SERVER + " launch_servers"),
-    source(REPLICA, [  # the server methods verl calls, which HFRolloutServer implements
-        "server.wake_up.remote()", "server.sleep.remote()", "server.abort_all_requests.remote(reject_request=reject_request)",
-        "server.resume_generation.remote()", "server.clear_kv_cache.remote()", "server.release_kv_cache.remote()",
-        "server.resume_kv_cache.remote()", "server.start_profile.remote(**kwargs)", "server.stop_profile.remote()",
-    ], SERVER),
-    exists("verl.workers.rollout.replica:RolloutMode.HYBRID", SERVER),
-    sig("verl.utils.tokenizer.tokenizer:normalize_token_ids", "(tokenized_output)", SERVER),
-    sig("verl.utils.torch_dtypes:PrecisionType.to_dtype", "(precision)", SERVER),
-    exists("transformers:PretrainedConfig._attn_implementation", SERVER + ", " + PATCHES + " fix 3, benchmarks/gpu_memory.py"),
-    sig("transformers:PretrainedConfig.get_text_config", "(self, decoder=None, encoder=None)", KV),
-    sig("transformers:DynamicCache.__init__",
-        "(self, ddp_cache_data=None, config=None, offloading=False, offload_only_non_sliding=False)", KV),
-    assigns("transformers:DynamicCache", ["layers"], KV),
-    sig("transformers.cache_utils:Cache.batch_select_indices", "(self, indices)", KV + " BatchKV.keep"),
-    assigns("transformers.cache_utils:DynamicLayer", ["keys", "values"], KV + " BatchKV.keep"),
-    sig("transformers:Qwen2ForCausalLM.forward",
-        "(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None, "
-        "labels=None, use_cache=None, logits_to_keep=0, **kwargs)", KV + " prefill"),
+        "name", "tensor_model_parallel_size", "dtype", "enforce_eager", "enable_sleep_mode", "load_format",
+        "free_cache_engine", "n_gpus_per_node", "nnodes", "max_model_len", "prompt_length", "response_length",
+        "max_num_seqs", "max_num_batched_tokens", "checkpoint_engine",
+    ], CONFIG_CHECK + ", " + VLLM_TESTING + ", " + VLLM_CASES),
+    fields("verl.workers.config.rollout:CheckpointEngineConfig", ["update_weights_bucket_megabytes"], VLLM_TESTING),
+    fields("verl.workers.config:HFModelConfig", ["path"], VLLM_TESTING),
+    exists("transformers:PretrainedConfig._attn_implementation", PATCHES + " fix 3, benchmarks/gpu_memory.py"),
     exists("transformers.utils.logging:is_progress_bar_enabled", "recipe/data/tiny_assets.py _build_environment"),
     exists("transformers.utils.logging:disable_progress_bar", "recipe/data/tiny_assets.py _build_environment"),
     exists("transformers.utils.logging:enable_progress_bar", "recipe/data/tiny_assets.py _build_environment"),
     # ---------------------------------------------------------------- Ray
-    sig("ray.util.scheduling_strategies:NodeAffinitySchedulingStrategy.__init__",
-        "(self, node_id, soft, _spill_on_unavailable=False, _fail_on_unavailable=False)", SERVER + " launch_servers"),
-    source("ray.actor:_modify_class", ["def __ray_call__("], SERVER + " launch_servers (workers[0].__ray_call__)"),
-    sig("ray.util:get_node_ip_address", "(address=None)", SERVER + " get_server_address"),
-    sig("ray.runtime_context:RuntimeContext.get_node_id", "(self)", SERVER + " launch_servers"),
-    sig("ray.runtime_context:RuntimeContext.get_job_id", "(self)", VLLM_CASES),
-    source("ray._private.worker:init", ['kwargs.pop("_node_ip_address", None)'], VLLM_CASES + " (ray.init(_node_ip_address=...))"),
+    sig("ray.runtime_context:RuntimeContext.get_job_id", "(self)", VLLM_TESTING + " push_weights"),
+    source("ray._private.worker:init", ['kwargs.pop("_node_ip_address", None)'],
+           VLLM_DRIVERS + " (ray.init(_node_ip_address=...))"),
     # ---------------------------------------------------------------- vLLM CPU shims and the distribution alias
     exists("vllm._custom_ops:_supports_onednn", SHIMS),
     source("vllm.model_executor.layers.utils:dispatch_cpu_unquantized_gemm", ["ops._supports_onednn"], SHIMS),
@@ -325,34 +286,34 @@ PINS = [
     source("vllm.platforms:vllm_version_matches_substr", ['vllm_version = version("vllm")'], ALIAS),
     value("verl.workers.rollout.vllm_rollout:vllm_package_name", "vllm", ALIAS),
     sig("verl.workers.rollout.vllm_rollout:get_version", "(pkg)", ALIAS),
-    # ---------------------------------------------------------------- verl's vLLM server (tests/vllm_server_cases.py)
+    # ---------------------------------------------------------------- verl's vLLM server (tests, benchmarks)
     sig(f"{VLLM_SERVER}.__init__",
         "(self, config, model_config, rollout_mode, workers, replica_rank, node_rank, gpus_per_node, nnodes, "
-        "cuda_visible_devices, disaggregation_role='null', disaggregation_kv_transfer_config=None)", VLLM_CASES),
-    sig(f"{VLLM_SERVER}.launch_server", "(self, master_address=None, master_port=None, dp_rpc_port=None)", VLLM_CASES),
+        "cuda_visible_devices, disaggregation_role='null', disaggregation_kv_transfer_config=None)", VLLM_TESTING),
+    sig(f"{VLLM_SERVER}.launch_server", "(self, master_address=None, master_port=None, dp_rpc_port=None)", VLLM_TESTING),
     sig(f"{VLLM_SERVER}.generate",
         "(self, prompt_ids, sampling_params, request_id, image_data=None, video_data=None, audio_data=None, "
-        "mm_processor_kwargs=None, priority=0, kv_transfer_params=None)", VLLM_CASES + "; " + SERVER + " generate (mirrors it)"),
-    sig(f"{VLLM_SERVER}.abort_all_requests", "(self, reset_prefix_cache=True, reject_request=False)", VLLM_CASES + "; " + SERVER),
-    sig(f"{VLLM_SERVER}.resume_generation", "(self)", VLLM_CASES + "; " + SERVER),
-    sig(f"{VLLM_SERVER}.abort_request", "(self, request_id, reset_prefix_cache=True)", VLLM_CASES + "; " + SERVER),
-    sig(f"{VLLM_SERVER}.collective_rpc", "(self, method, timeout=None, args=(), kwargs=None)", VLLM_CASES),
-    sig(f"{VLLM_SERVER}.clear_kv_cache", "(self)", VLLM_CASES),
-    sig(f"{VLLM_SERVER}.set_global_steps", "(self, global_steps)", VLLM_CASES + "; " + SERVER),
+        "mm_processor_kwargs=None, priority=0, kv_transfer_params=None)", VLLM_DRIVERS),
+    sig(f"{VLLM_SERVER}.abort_all_requests", "(self, reset_prefix_cache=True, reject_request=False)", VLLM_DRIVERS),
+    sig(f"{VLLM_SERVER}.resume_generation", "(self)", VLLM_DRIVERS),
+    sig(f"{VLLM_SERVER}.abort_request", "(self, request_id, reset_prefix_cache=True)", VLLM_CASES),
+    sig(f"{VLLM_SERVER}.collective_rpc", "(self, method, timeout=None, args=(), kwargs=None)", VLLM_TESTING),
+    sig(f"{VLLM_SERVER}.clear_kv_cache", "(self)", VLLM_TESTING),
+    sig(f"{VLLM_SERVER}.set_global_steps", "(self, global_steps)", VLLM_DRIVERS),
     assigns(VLLM_SERVER, ["engine"], VLLM_CASES),
     assigns("vllm.v1.engine.async_llm:AsyncLLM", ["output_processor"], VLLM_CASES + " until_running"),
     assigns("vllm.v1.engine.output_processor:OutputProcessor", ["request_states"], VLLM_CASES + " until_running"),
     sig("vllm.v1.engine.async_llm:AsyncLLM.abort", "(self, request_id, internal=False)", VLLM_CASES),
     sig("vllm.v1.engine.async_llm:AsyncLLM.shutdown", "(self, timeout=None)", VLLM_CASES),
     sig("verl.workers.rollout.vllm_rollout.bucketed_weight_transfer:BucketedWeightSender.__init__",
-        "(self, zmq_handle, bucket_size_mb=512, use_shm=False)", VLLM_CASES + " push"),
+        "(self, zmq_handle, bucket_size_mb=512, use_shm=False)", VLLM_TESTING),
     sig("verl.workers.rollout.vllm_rollout.bucketed_weight_transfer:BucketedWeightSender.async_send_weights",
-        "(self, weights)", VLLM_CASES + " push"),
+        "(self, weights)", VLLM_TESTING),
     source("verl.workers.rollout.vllm_rollout.vllm_rollout:ServerAdapter.__init__",
            ['self.zmq_handle = f"ipc:///tmp/rl-colocate-zmq-{job_id}-replica-{self.replica_rank}-rank-{local_rank}.sock"'],
-           VLLM_CASES + " push (the socket name)"),
+           VLLM_TESTING + " (the socket name)"),
     sig("verl.workers.rollout.vllm_rollout.utils:vLLMColocateWorkerExtension.update_weights_from_ipc",
-        "(self, peft_config=None, base_sync_done=False, use_shm=False)", VLLM_CASES + " push"),
+        "(self, peft_config=None, base_sync_done=False, use_shm=False)", VLLM_TESTING),
     # ---------------------------------------------------------------- other libraries' private names
     exists("omegaconf:DictConfig._get_node", "recipe/dry_run/checks.py _non_null_leaves, check_legacy_reward"),
     exists("omegaconf.nodes:ValueNode._value", "recipe/dry_run/checks.py _non_null_leaves"),
@@ -367,8 +328,6 @@ PROJECT_SUBCLASSES = {
     "recipe.partial.sampler:BudgetReplayBuffer": REPLAY,
     "recipe.partial.agent_loop:BudgetedSingleTurnAgentLoop": "verl.experimental.agent_loop.single_turn_agent_loop:SingleTurnAgentLoop",
     "recipe.cpu_backend.platform:PlatformCPU": PLATFORM_BASE,
-    "recipe.cpu_backend.adapter:HFServerAdapter": "verl.workers.rollout.base:BaseRollout",
-    "recipe.cpu_backend.server:HFReplica": REPLICA,
     "recipe.bapo.config:BAPOPolicyLossConfig": "verl.workers.config:PolicyLossConfig",
     "recipe.bapo.config:BaselinePolicyLossConfig": "verl.workers.config:PolicyLossConfig",
 }
