@@ -15,8 +15,9 @@ import sys
 import pytest
 
 import verl
-from recipe.cpu_backend import CPUBackendConfigError, check_trainer_config, cpu_trainer_overrides
+from recipe.cpu_backend import CPUBackendConfigError, check_trainer_config
 from recipe.cpu_backend.testing import build_tiny_model
+from recipe.dry_run.core import compose_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
 
@@ -37,13 +38,15 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------- config checks
-CPU_RUN = cpu_trainer_overrides(1) + ["actor_rollout_ref.model.path=/nonexistent"]
+def cpu_tiny(*overrides: str):
+    """The shipped CPU config (configs/cpu_tiny.yaml), which holds every setting a CPU run needs."""
+    return compose_config(["actor_rollout_ref.model.path=/nonexistent", *overrides], config_name="cpu_tiny")
 
 
-def test_hf_rollout_without_cpu_platform_is_rejected(monkeypatch):
+def test_cpu_config_without_cpu_platform_is_rejected(monkeypatch):
     monkeypatch.delenv("VERL_PLATFORM", raising=False)
     with pytest.raises(CPUBackendConfigError, match="export VERL_PLATFORM=cpu"):
-        check_trainer_config(compose(CPU_RUN), use_critic=False)
+        check_trainer_config(cpu_tiny(), use_critic=False)
 
 
 def test_gpu_runs_are_not_checked(monkeypatch):
@@ -53,25 +56,15 @@ def test_gpu_runs_are_not_checked(monkeypatch):
 
 def test_valid_cpu_config_passes(monkeypatch):
     monkeypatch.setenv("VERL_PLATFORM", "cpu")
-    check_trainer_config(compose(CPU_RUN), use_critic=False)
-
-
-def test_cpu_platform_with_missing_vllm_says_to_use_hf(monkeypatch):
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vllm is installed here")
-    monkeypatch.setenv("VERL_PLATFORM", "cpu")
-    with pytest.raises(CPUBackendConfigError, match="'vllm' is not installed.*rollout.name=hf"):
-        check_trainer_config(compose(CPU_RUN + ["actor_rollout_ref.rollout.name=vllm"]), use_critic=False)
+    check_trainer_config(cpu_tiny(), use_critic=False)
 
 
 def test_cpu_config_problems_are_all_named(monkeypatch):
     monkeypatch.setenv("VERL_PLATFORM", "cpu")
-    bad = [o for o in CPU_RUN if not o.startswith(("trainer.device", "+ray_kwargs.ray_init.num_gpus", "+actor_rollout_ref.model.override"))]
-    bad += ["actor_rollout_ref.actor.strategy=fsdp", "actor_rollout_ref.model.use_remove_padding=True"]
+    bad = cpu_tiny("trainer.device=cuda", "ray_kwargs.ray_init.num_gpus=0", "~actor_rollout_ref.model.override_config",
+                   "actor_rollout_ref.actor.strategy=fsdp", "actor_rollout_ref.model.use_remove_padding=True")
     with pytest.raises(CPUBackendConfigError) as error:
-        check_trainer_config(compose(bad), use_critic=False)
+        check_trainer_config(bad, use_critic=False)
     message = str(error.value)
     for fragment in (
         "trainer.device=cpu",
@@ -83,20 +76,6 @@ def test_cpu_config_problems_are_all_named(monkeypatch):
         assert fragment in message
 
 
-def test_hf_components_refuse_to_start_without_cpu_platform(monkeypatch):
-    from recipe.cpu_backend.adapter import HFServerAdapter
-    from recipe.cpu_backend.server import HFReplica, HFRolloutServer
-
-    monkeypatch.delenv("VERL_PLATFORM", raising=False)
-    for build in (
-        lambda: HFRolloutServer(config=None, model_config=None),
-        lambda: HFReplica(replica_rank=0, config=None, model_config=None),
-        lambda: HFServerAdapter(config=None, model_config=None, device_mesh=None),
-    ):
-        with pytest.raises(RuntimeError, match="export VERL_PLATFORM=cpu"):
-            build()
-
-
 # ---------------------------------------------------------------------------------------- registration + fixes
 PROBE = r"""
 import json, os, sys
@@ -104,12 +83,8 @@ import torch
 import verl
 from torch.distributed.fsdp import CPUOffloadPolicy
 from verl.plugin.platform import get_platform
-from verl.workers.rollout.base import _ROLLOUT_REGISTRY
-from verl.workers.rollout.replica import RolloutReplicaRegistry
 report = {
     "platform": get_platform().device_name,
-    "hf_replica": "hf" in RolloutReplicaRegistry._registry,
-    "hf_adapter": ("hf", "async") in _ROLLOUT_REGISTRY,
     "pin_memory": CPUOffloadPolicy().pin_memory,
     "engine_device": os.environ.get("VERL_ENGINE_DEVICE"),
 }
@@ -151,25 +126,30 @@ def probe(model_dir: str, **env: str) -> dict:
 def test_without_verl_platform_nothing_is_registered_or_patched(tiny_default_model):
     report = probe(tiny_default_model)
     assert report["platform"] != "cpu"
-    assert not report["hf_replica"] and not report["hf_adapter"]
     assert report["pin_memory"] is True and report["engine_device"] is None
 
 
-def test_verl_platform_cpu_registers_platform_rollout_and_fixes(tiny_default_model):
+def test_verl_platform_cpu_registers_platform_and_fixes(tiny_default_model):
     report = probe(tiny_default_model, VERL_PLATFORM="cpu")
     assert report["platform"] == "cpu"
-    assert report["hf_replica"] and report["hf_adapter"]
     assert report["pin_memory"] is False and report["engine_device"] == "cuda"
     assert report["backend"] == "gloo"
     assert report["value_model"] == "Qwen2ForTokenClassification"
     assert "attn_implementation=sdpa" in report["value_model_error"]
 
 
-def test_cpu_platform_is_never_auto_detected():
+def test_cpu_platform_is_never_auto_detected(monkeypatch):
+    from verl.plugin.platform import platform_manager
+
     from recipe.cpu_backend.platform import PlatformCPU
 
+    # verl's own detection, with the cpu platform registered, on a machine where no accelerator is found
+    assert platform_manager.PlatformRegistry.get("cpu") is PlatformCPU
+    monkeypatch.delenv("VERL_PLATFORM", raising=False)
+    assert platform_manager._detect_platform_name() != "cpu"
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    assert platform_manager._detect_platform_name() == "cpu"
     platform = PlatformCPU()
-    assert platform.is_platform_available(use_smi_check=True) is False
     assert platform.device_name == "cpu" and platform.communication_backend_name() == "gloo"
     free, total = platform.device_module.mem_get_info()
     assert 0 < free <= total

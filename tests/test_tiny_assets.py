@@ -136,16 +136,13 @@ def test_parquet_loads_with_verl_rlhf_dataset(assets, tokenizer, tmp_path):
 
 def test_default_build_accuracy_in_band(assets, tokenizer):
     """Sampled (temperature 1, top_p 1) accuracy on the test split, measured here with our own seed and
-    scored with the project's reward when it is importable."""
+    scored with the project's reward, which must agree with the assets' own scorer on every sample."""
     from transformers import AutoModelForCausalLM
 
-    try:
-        from recipe.reward.aime import compute_score
+    from recipe.reward.aime import compute_score
 
-        def score(text, gt):
-            return compute_score(ta.DATA_SOURCE, text, gt, use_math_verify=False)["score"]
-    except ImportError:  # pragma: no cover - the reward module is part of the project
-        score = ta.score_response
+    def score(text, gt):
+        return compute_score(ta.DATA_SOURCE, text, gt, use_math_verify=False)["score"]
 
     model = AutoModelForCausalLM.from_pretrained(assets.model_dir, dtype=torch.float32)
     rows = pd.read_parquet(assets.test_file).to_dict("records")
@@ -254,10 +251,7 @@ def test_every_varied_phrasing_is_scored_correct_by_the_reward_and_only_with_the
     rng = __import__("random").Random(0)
     for _ in range(50):
         problem = ta.sample_problem(rng)
-        phrasings = problem.responses("varied")
-        assert phrasings[0] == problem.response and problem.responses("restate") == (problem.response,)
-        assert len(set(phrasings)) == len(phrasings) == 5
-        for text in phrasings:
+        for text in problem.responses("varied"):
             assert compute_score(ta.DATA_SOURCE, text, str(problem.answer), use_math_verify=False)["score"] == 1.0
             wrong = text.replace(f"\\boxed{{{problem.answer}}}", f"\\boxed{{{problem.answer + 1}}}")
             assert compute_score(ta.DATA_SOURCE, wrong, str(problem.answer), use_math_verify=False)["score"] == 0.0
