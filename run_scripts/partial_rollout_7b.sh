@@ -14,10 +14,6 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 bapo_parse_args "$@"
 
-PRESET="$BAPO_ROOT/configs/rollout/partial.yaml"
-[[ -f "$PRESET" ]] || bapo_die "partial rollout is not available yet: missing $PRESET (the partial-rollout preset with \
-verl trainer mode colocate_budget, trainer.v1.colocate_budget.token_budget; built by recipe/partial/)"
-
 MODEL="${MODEL:-deepseek-ai/DeepSeek-R1-Distill-Qwen-7B}"
 NNODES="${NNODES:-1}"; GPUS="${GPUS:-8}"
 METHOD="${METHOD:-bapo}"

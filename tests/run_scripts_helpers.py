@@ -9,7 +9,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "run_scripts"
-PARTIAL_PRESET = ROOT / "configs" / "rollout" / "partial.yaml"
 
 # (script, environment): every method and size each script offers
 CASES = [

@@ -15,7 +15,7 @@ import pytest
 from recipe.dry_run import DryRunError, dry_run
 from recipe.dry_run.core import compose_config, split_config_name, verl_checks
 from recipe.dry_run.model import is_local_path, load_model_facts
-from run_scripts_helpers import CASES, PARTIAL_PRESET, ROOT, case_id, make_data_dir, printed_runs, script_env
+from run_scripts_helpers import CASES, ROOT, case_id, make_data_dir, printed_runs, script_env
 
 GIB = 1024**3
 
@@ -37,12 +37,8 @@ def _offline(monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_every_script_passes_its_dry_run(case, tmp):
     """Each run of each script (every method and size) composes, passes verl's checks and ours, and plans the
-    staleness its own batch keys define. The partial-rollout script fails, naming its preset, until it exists."""
+    staleness its own batch keys define."""
     script, env = case
-    if script == "partial_rollout_7b.sh" and not PARTIAL_PRESET.exists():
-        with pytest.raises(AssertionError, match="configs/rollout/partial.yaml"):
-            printed_runs(script, script_env(tmp, **env))
-        return
     for args in printed_runs(script, script_env(tmp, **env)):
         result = dry_run(args)
         actor = result.config.actor_rollout_ref.actor
