@@ -71,8 +71,8 @@ def run(config: DictConfig) -> None:
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
+    project_checks(config)  # first: auto_set_device turns trainer.device=cpu into cuda off the cpu platform
     auto_set_device(config)
-    project_checks(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     if config.trainer.use_v1:
         runner = TaskRunnerV1
