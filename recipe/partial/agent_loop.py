@@ -47,6 +47,16 @@ def stop_ids_of(model_path: str, tokenizer_eos: int | None) -> frozenset:
     return frozenset(ids)
 
 
+def engine_died(error: BaseException) -> bool:
+    """vLLM's ``EngineDeadError`` (its engine process is gone), also as Ray delivers it from the server actor
+    (``RayTaskError(EngineDeadError)`` subclasses the cause's type)."""
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:  # another rollout backend: nothing to recognise
+        return False
+    return isinstance(error, EngineDeadError) or isinstance(getattr(error, "cause", None), EngineDeadError)
+
+
 @functools.lru_cache(maxsize=1)
 def store_clock(poll_interval_s: float) -> ActorClock:
     return ActorClock(ray.get_actor(STORE_ACTOR_NAME), poll_interval_s=poll_interval_s)
@@ -73,13 +83,20 @@ class BudgetedSingleTurnAgentLoop(SingleTurnAgentLoop):
         settings = partial_config.parse(self.config)
         client = self.server_manager
 
+        clock = store_clock(settings.poll_interval_s)
+
         async def one_call(**call_kwargs):
-            return await LLMServerClient.generate(client, **call_kwargs)
+            try:
+                return await LLMServerClient.generate(client, **call_kwargs)
+            except Exception as error:
+                if engine_died(error):  # verl would mark the group failed and refill it, forever
+                    await clock.report_engine_death(f"{type(error).__name__}: {error}"[:2000])
+                raise
 
         model_path = self.config.actor_rollout_ref.model.path
         segmented = SegmentedGenerate(
             call=one_call,
-            clock=store_clock(settings.poll_interval_s),
+            clock=clock,
             policy=settings.policy(),
             uid=str(kwargs["uid"]),
             session_id=int(kwargs["session_id"]),

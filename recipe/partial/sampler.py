@@ -83,6 +83,8 @@ class BudgetReplayBuffer(ReplayBufferAsync):
 
     def _evict_terminal_groups(self, global_steps, partition_id, eviction_reasons):
         stale, dapo, failed, _ = eviction_reasons
+        if failed and (error := self._store("engine_death")):  # refilling would fail the same way, forever
+            raise RuntimeError(f"partial rollout: the rollout engine died, so every group fails: {error}")
         if partition_id != "val":
             oldest = self.group_min_versions(partition_id)
             for uid in stale | dapo | failed:

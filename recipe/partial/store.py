@@ -43,6 +43,15 @@ class PartialRolloutStore:
         self.lifted: Optional[int] = None  # the version whose budget the progress rule lifted (not checkpointed)
         self.counters: Counter = Counter()
         self._reported_calls: dict[str, int] = {}
+        self.engine_error: Optional[str] = None  # report_engine_death: the rollout engine is gone
+
+    # ------------------------------------------------------------------ faults
+    def report_engine_death(self, message: str) -> None:
+        """A session's server call failed because the rollout engine died (the first report is kept)."""
+        self.engine_error = self.engine_error or message
+
+    def engine_death(self) -> Optional[str]:
+        return self.engine_error
 
     # ------------------------------------------------------------------ clock
     def configure_cap(self, threshold: Optional[int], strategy: str) -> None:
@@ -211,6 +220,9 @@ class LocalClock:
 
     async def report(self, key: str, record: SessionRecord) -> None:
         await self._ask("report", key, record.to_dict())
+
+    async def report_engine_death(self, message: str) -> None:
+        await self._ask("report_engine_death", message)
 
     async def restore(self, key: str) -> Optional[SessionRecord]:
         data = await self._ask("restore", key)
