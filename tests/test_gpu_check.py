@@ -60,6 +60,7 @@ def table(report: str, header_start: str) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_smoke_report_structure_without_verl(smoke_report):
     report = smoke_report
     assert "**failed**" not in report and "| failed |" not in report  # no section, size or depth failed

@@ -166,6 +166,7 @@ def _file_bytes(root: Path) -> dict:
             if p.is_file() and p.name != ta.MANIFEST}
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_files(tmp_path):
     a = ta.build_tiny_assets(tmp_path / "a", seed=7, **SMALL)
     threads = torch.get_num_threads()
@@ -199,6 +200,7 @@ def test_cache_hit_does_not_rebuild(assets):
     assert json.loads(manifest.read_text())["key"] == assets.root.name
 
 
+@pytest.mark.slow
 def test_explicit_dir_cache_and_foreign_dir(tmp_path):
     first = ta.build_tiny_assets(tmp_path / "x", seed=1, **SMALL)
     again = ta.build_tiny_assets(tmp_path / "x", seed=1, **SMALL)
@@ -212,6 +214,7 @@ def test_explicit_dir_cache_and_foreign_dir(tmp_path):
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_aborted_build_leaves_nothing(tmp_path, monkeypatch):
     real = ta._write_files
 
@@ -257,6 +260,7 @@ def test_every_varied_phrasing_is_scored_correct_by_the_reward_and_only_with_the
             assert compute_score(ta.DATA_SOURCE, wrong, str(problem.answer), use_math_verify=False)["score"] == 0.0
 
 
+@pytest.mark.slow
 def test_varied_expected_accuracy_is_the_sum_over_phrasings(tmp_path):
     """Against a direct teacher-forced computation: chat prompt + phrasing, HF forward, product of the
     phrasing's token probabilities, summed over the five phrasings."""
@@ -291,6 +295,7 @@ def test_an_unknown_response_style_is_rejected_before_building(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_scratch_expected_accuracy_scores_the_answer_given_the_fixed_scratch(tmp_path):
     """Direct computation: P(" \\boxed{x}" tokens | prompt + the problem's fixed scratch letters)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

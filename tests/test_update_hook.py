@@ -447,6 +447,7 @@ def _pipeline_worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_pipeline_stage_without_outputs_gets_no_bounds_and_ranks_agree_on_the_shortcut(tmp_path):
     """Real gloo group: rank 0 (no outputs) must not join the last stage's search all-reduce, and both
     ranks must take the same shortcut decision (their forwards are collectives under Megatron)."""
@@ -483,6 +484,7 @@ def _pipeline_train_worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_pipeline_parallel_update_uses_bounds_searched_over_the_loss_ratios(tmp_path):
     """The invariants a real Megatron PP 2 run would be checked for (verl's Megatron engine cannot run on CPU,
     see README "Known limits"): both stages run every probe forward with the gradient pass's micro-batch
