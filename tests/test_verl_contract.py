@@ -207,6 +207,7 @@ PINS = [
         "(self, request_id, *, prompt_ids, sampling_params, image_data=None, video_data=None, audio_data=None, "
         "mm_processor_kwargs=None, **kwargs)", AGENT + " one_call"),
     exists("verl.workers.rollout.llm_server:FullyAsyncLLMServerClient.generate", AGENT + " (bypassed on purpose)"),
+    exists("vllm.v1.engine.exceptions:EngineDeadError", AGENT + " (a dead engine is reported to the store)"),
     source("verl.trainer.ppo.v1.agent_loop_tq:AgentLoopWorkerTQ._agent_loop_postprocess", [
         '"min_global_steps": field["extra_fields"].get("min_global_steps")',
         '"max_global_steps": field["extra_fields"].get("max_global_steps")',
