@@ -272,6 +272,7 @@ PINS = [
     exists("transformers.utils.logging:enable_progress_bar", "recipe/data/tiny_assets.py _build_environment"),
     # ---------------------------------------------------------------- Ray
     sig("ray.runtime_context:RuntimeContext.get_job_id", "(self)", VLLM_TESTING + " push_weights"),
+    assigns("ray.exceptions:RayTaskError", ["cause"], AGENT + " (EngineDeadError as Ray delivers it)"),
     source("ray._private.worker:init", ['kwargs.pop("_node_ip_address", None)'],
            VLLM_DRIVERS + " (ray.init(_node_ip_address=...))"),
     # ---------------------------------------------------------------- vLLM CPU shims and the distribution alias
