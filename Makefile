@@ -32,7 +32,7 @@ test: $(STAMP)
 # The developers' unit tier (CI runs `make test`): no Ray, trainer, vLLM (test_vllm_cpu.py is vLLM's CPU build
 # throughout), model build or subprocess-heavy test (marker slow); a few minutes on 2 cores.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not trainer and not vllm and not slow" --ignore=tests/test_vllm_cpu.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not trainer and not vllm and not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m recipe.demo $(DEMO_ARGS)

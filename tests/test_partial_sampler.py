@@ -169,6 +169,31 @@ def test_eviction_forgets_the_store_records_and_logs_the_reason(tq):
     assert store.records == {} and "A" in tq.cleared
 
 
+def test_failed_groups_after_an_engine_death_fail_the_step_instead_of_refilling(tq):
+    """verl marks a group whose sessions raised as failed and refills it; with the engine dead every refill fails
+    too, so once an agent loop reported the death (as it does for vLLM's EngineDeadError) the sampler raises."""
+    store = PartialRolloutStore()
+    buffer, _ = make(store=store)
+    reasons = (set(), set(), {"A"}, {})  # stale, dapo, failed, dapo counts
+    buffer._evict_terminal_groups(5, "train", reasons)  # a failure without an engine death: dropped as before
+    assert buffer.counters["failed_dropped"] == 1
+    store.report_engine_death("EngineDeadError: EngineCore encountered an issue")
+    with pytest.raises(RuntimeError, match="rollout engine died.*EngineDeadError"):
+        buffer._evict_terminal_groups(6, "train", (set(), set(), {"B"}, {}))
+
+
+def test_engine_death_is_recognised_through_rays_wrapper():
+    from ray.exceptions import RayTaskError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from recipe.partial.agent_loop import engine_died
+
+    dead = EngineDeadError()
+    wrapped = RayTaskError("generate", "traceback", dead).as_instanceof_cause()
+    assert engine_died(dead) and engine_died(wrapped)
+    assert not engine_died(RuntimeError("a sampling error")) and not engine_died(RayTaskError("generate", "tb", ValueError()))
+
+
 def test_store_checkpoint_round_trip_keeps_only_inflight_groups():
     store = PartialRolloutStore()
     parked_group(store, "A")

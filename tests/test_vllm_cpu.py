@@ -41,11 +41,13 @@ def test_the_vllm_alias_carries_the_cpu_version_that_selects_vllms_cpu_platform(
     assert platforms.cpu_platform_plugin() is None
 
 
+@pytest.mark.slow  # fresh interpreters that import vLLM
 def test_vllm_resolves_its_cpu_platform_in_a_fresh_process():
     proc = fresh_python("from vllm.platforms import current_platform as p; print('CPU' if p.is_cpu() else type(p).__name__)")
     assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "CPU", proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # fresh interpreters that import vLLM
 def test_the_onednn_shim_runs_through_vllms_plugin_group_only_on_the_cpu_platform():
     code = ("from vllm.plugins import load_general_plugins; load_general_plugins(); "
             "import vllm._custom_ops as ops; print(ops._supports_onednn)")
@@ -111,6 +113,7 @@ def test_a_wrong_vllm_install_fails_at_start_up_with_the_install_command(vllm_cp
     assert len(problems) == 1 and "found 0.24.0" in problems[0] and "make install" in problems[0], problems
 
 
+@pytest.mark.slow  # a fresh interpreter per module, each importing verl
 @pytest.mark.parametrize("module", ["segments", "store", "sampler", "config", "trainer", "agent_loop", "metrics"])
 def test_a_fresh_ray_worker_can_import_any_partial_module_first(module):
     """A Ray worker that unpickles a partial-rollout object imports its module before verl: verl's plugin
