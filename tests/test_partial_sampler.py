@@ -189,8 +189,8 @@ def test_engine_death_is_recognised_through_rays_wrapper():
     from recipe.partial.agent_loop import engine_died
 
     dead = EngineDeadError()
-    wrapped = RayTaskError("generate", "traceback", dead).as_instanceof_cause()
-    assert engine_died(dead) and engine_died(wrapped)
+    wrapped = RayTaskError("generate", "traceback", dead)  # as Ray raises it when it cannot subclass the cause
+    assert engine_died(dead) and engine_died(wrapped) and engine_died(wrapped.as_instanceof_cause())
     assert not engine_died(RuntimeError("a sampling error")) and not engine_died(RayTaskError("generate", "tb", ValueError()))
 
 
