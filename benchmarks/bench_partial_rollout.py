@@ -58,11 +58,9 @@ def heavy_tailed_lengths(count: int, rng: random.Random) -> list[int]:
 
 
 async def make_server(model_dir: str, max_len: int):
-    import ray
+    from recipe.cpu_backend.testing import init_local_ray, launch_vllm_server
 
-    from recipe.cpu_backend.testing import launch_vllm_server
-
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+    init_local_ray()
     server = await launch_vllm_server(model_dir, max_model_len=PROMPT_LENGTH + max_len, prompt_length=PROMPT_LENGTH,
                                       response_length=max_len, max_num_seqs=256, max_num_batched_tokens=4096)
     await server.set_global_steps(0)

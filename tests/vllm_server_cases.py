@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from recipe.cpu_backend.testing import VLLM_TINY_HEADS, TinyModelSpec, build_tiny_model, launch_vllm_server, push_weights
+from recipe.cpu_backend.testing import VLLM_TINY_HEADS, TinyModelSpec, build_tiny_model, init_local_ray, launch_vllm_server, push_weights
 from recipe.partial.segments import BudgetPolicy, SegmentedGenerate
 from recipe.partial.store import LocalClock, PartialRolloutStore
 
@@ -43,9 +43,7 @@ class Server:
     """The server on one event loop in a thread (its engine's background tasks live on that loop)."""
 
     def __init__(self, model_dir: str):
-        import ray
-
-        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+        init_local_ray()
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         self.server = self.run(launch_vllm_server(model_dir, max_model_len=512, prompt_length=64, response_length=448,

@@ -20,6 +20,8 @@ import importlib.util
 import logging
 import os
 
+from omegaconf import OmegaConf
+
 from .patches import CPU_ATTN_IMPLEMENTATIONS
 
 logger = logging.getLogger(__name__)
@@ -106,7 +108,7 @@ def check_vllm_on_cpu(config) -> list[str]:
         problems.append(f"{key}.enable_sleep_mode=True (verl's default): vLLM has no sleep mode on CPU, set +{key}.enable_sleep_mode=False")
     if rollout.get("dtype") != "float32":
         problems.append(f"{key}.dtype={rollout.get('dtype')}: set {key}.dtype=float32 (bf16 is slower on CPU and splits rollout and actor log-probs)")
-    env_vars = ((config.get("ray_kwargs", {}).get("ray_init", {}) or {}).get("runtime_env", {}) or {}).get("env_vars", {}) or {}
+    env_vars = OmegaConf.select(config, "ray_kwargs.ray_init.runtime_env.env_vars", default=None) or {}
     if "VLLM_CPU_KVCACHE_SPACE" not in env_vars and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         problems.append(
             "VLLM_CPU_KVCACHE_SPACE is unset: vLLM would reserve gpu_memory_utilization x host RAM for its KV cache; "

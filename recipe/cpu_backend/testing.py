@@ -42,11 +42,19 @@ def build_tiny_model(out_dir: str, spec: TinyModelSpec = TinyModelSpec()) -> str
 VLLM_TINY_HEADS = {"num_attention_heads": 2, "num_key_value_heads": 1}
 
 
+def init_local_ray() -> None:
+    """A local Ray instance for an in-process vLLM server: one "GPU" slot (the cpu platform's placeholder) and
+    every address on loopback."""
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
 async def launch_vllm_server(model_dir: str, **rollout):
     """verl's own ``vLLMHttpServer`` in this process, launched as ``vLLMReplica`` launches it (HYBRID mode, dummy
     weights until the first ``push_weights``) with the CPU settings of ``configs/cpu_tiny.yaml``.
 
-    Needs ``ray.init`` and ``VERL_PLATFORM=cpu`` (set before verl is imported) and ``VLLM_CPU_KVCACHE_SPACE``.
+    Needs ``init_local_ray()`` and ``VERL_PLATFORM=cpu`` (set before verl is imported) and ``VLLM_CPU_KVCACHE_SPACE``.
     ``rollout`` are ``RolloutConfig`` fields (lengths, ``max_num_seqs``, ...). Call from the event loop that
     will use the server: vLLM's engine runs its output handler on that loop.
     """
