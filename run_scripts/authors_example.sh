@@ -16,7 +16,7 @@ RESPONSE_LENGTH=8192                                        # their l.15
 ROLLOUT_TP=1                                                # their l.50
 VAL_FILES="${VAL_FILES:-$(bapo_abs "${DATA:-$BAPO_ROOT/data}")/aime2025.parquet}"   # their l.98-101: AIME25
 STEPS="${STEPS:-1000}"                                      # their l.119
-bapo_method bapo_authors
+bapo_method bapo_authors_code
 
 RUN=(
   actor_rollout_ref.actor.ppo_mini_batch_size=64            # their l.17; staleness 8 = 2 * 256 / 64 (l.30)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Staleness sweep of the paper's Fig. 11 (R1-Distill-Qwen-7B, max sequence length 32k, AIME24/25 avg@16):
-# staleness 2x and 4x for clip [0.8, 1.2], clip-higher [0.8, 1.28] and BAPO, six runs.
+# staleness 2x and 4x for grpo (clip [0.8, 1.2]), clip_higher ([0.8, 1.28]) and bapo, six runs.
 #
 #   run_scripts/r1_7b_32k_staleness_sweep.sh                    # prints the grid (one command per run)
 #   GRID=run run_scripts/r1_7b_32k_staleness_sweep.sh           # runs all six, one after the other
@@ -43,7 +43,7 @@ if [[ -n "${STALENESS:-}${METHOD:-}" ]]; then
   exit 0
 fi
 for staleness in 2 4; do
-  for method in clip clip_higher bapo; do
+  for method in grpo clip_higher bapo; do
     if [[ "${GRID:-print}" == run || "${DRY_RUN:-0}" != 0 ]]; then
       cell "$staleness" "$method"
     else

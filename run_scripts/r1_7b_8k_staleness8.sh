@@ -3,7 +3,7 @@
 # preliminary runs (Fig. 2 GRPO under staleness, Fig. 7 asymmetric clips, Figs. 8-9 BAPO vs baseline).
 #
 #   METHOD=bapo run_scripts/r1_7b_8k_staleness8.sh [-- hydra overrides]
-#   METHOD: bapo (paper preset) | grpo ([0.8, 1.2]) | clip_higher ([0.8, 1.28]) | clip_0.8_1.5 | clip_0.5_1.2
+#   METHOD (configs/method/): bapo (paper preset) | grpo ([0.8, 1.2]) | clip_higher ([0.8, 1.28]) | clip_0.8_1.5 | clip_0.5_1.2
 #   STRATEGY: fsdp2 (default) | megatron (TP 2, PP 2, VPP 2; layout below)
 #   DRY_RUN=1 ... checks the config on a laptop; every other setting: run_scripts/lib/launch.sh
 set -euo pipefail

@@ -45,6 +45,49 @@ def test_every_script_passes_its_dry_run(case, tmp):
         assert result.plan.staleness == actor.ppo_epochs * result.config.data.train_batch_size / actor.ppo_mini_batch_size
 
 
+# what each method must put in the run's config (paper Sec. 5.1, Fig. 7; DAPO's clip-higher; the authors' script):
+# {method: (policy_loss.loss_mode, algorithm.adv_estimator, {more actor keys})}
+METHOD_SETTINGS = {
+    "bapo": ("bapo", "bapo", {"policy_loss.rho_target": 0.4, "policy_loss.dual_clip_c": None}),
+    "bapo_authors_code": ("bapo", "bapo", {"policy_loss.dual_clip_c": 3.0}),
+    "grpo": ("vanilla", "grpo", {"clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "clip_ratio_c": 3.0}),
+    "clip_higher": ("vanilla", "grpo", {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28}),
+    "clip_0.8_1.5": ("vanilla", "grpo", {"clip_ratio_low": 0.2, "clip_ratio_high": 0.5}),
+    "clip_0.5_1.2": ("vanilla", "grpo", {"clip_ratio_low": 0.5, "clip_ratio_high": 0.2}),
+}
+
+
+def test_every_method_is_checked_here():
+    from recipe.sweep.grid import method_names
+
+    assert sorted(METHOD_SETTINGS) == method_names()
+
+
+@pytest.mark.parametrize("method", METHOD_SETTINGS)
+def test_dry_run_writes_the_composed_config_with_the_method(method, tmp, tmp_path, capsys):
+    """The script's DRY_RUN=1 command (`python -m recipe.dry_run --save-config $LOGS/<run>/config.yaml ARGS`)
+    writes the whole config; it holds the method's loss, advantage estimator and clip keys. (Broken by writing
+    the config before the script's overrides were applied (compose_config([])): every method failed.)"""
+    import yaml
+
+    from recipe.dry_run.__main__ import main
+
+    args = printed_runs("r1_7b_8k_staleness8.sh", script_env(tmp, METHOD=method))[0]
+    path = tmp_path / "logs" / "run" / "config.yaml"
+    assert main(["--save-config", str(path), *args]) == 0
+    assert f"composed config: {path}" in capsys.readouterr().err
+    actor = yaml.safe_load(path.read_text())["actor_rollout_ref"]["actor"]
+    loss_mode, estimator, keys = METHOD_SETTINGS[method]
+    assert actor["policy_loss"]["loss_mode"] == loss_mode
+    assert yaml.safe_load(path.read_text())["algorithm"]["adv_estimator"] == estimator
+    for key, value in keys.items():
+        node = actor
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
+    assert actor["optim"]["lr"] == 2e-6  # the script's own settings are there too
+
+
 @pytest.fixture(scope="module")
 def runs_32b(tmp):
     """The 32B x 4-node BAPO run's argument list, and the 7B 8k one."""
@@ -214,8 +257,8 @@ def test_readme_command_composes_and_passes_validate_config(command, tmp):
 
 @pytest.mark.slow
 def test_dry_run_script_end_to_end_subprocess(tmp):
-    """`DRY_RUN=1 run_scripts/r1_32b.sh` as a user runs it: exit 0 and the plan; a broken override: exit 1
-    naming the key."""
+    """`DRY_RUN=1 run_scripts/r1_32b.sh` as a user runs it: exit 0, the plan, the composed config in the run's log
+    folder; a broken override: exit 1 naming the key."""
     env = script_env(tmp, LENGTH="32k", METHOD="bapo", DRY_RUN="1")
     proc = subprocess.run(["bash", str(ROOT / "run_scripts/r1_32b.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -225,6 +268,9 @@ def test_dry_run_script_end_to_end_subprocess(tmp):
     shown = re.search(r"```text\n\$ DRY_RUN=1 LENGTH=32k METHOD=bapo .*?run_scripts/r1_32b.sh\n(.*?)```", readme, re.S)
     printed = [line for line in proc.stdout.splitlines() if not line.startswith("[validate_config]")]
     assert shown and shown.group(1).splitlines() == printed
+    written = tmp / "logs" / "r1-32b-32k-bapo" / "config.yaml"  # the run's log folder, $LOGS/<run name>
+    assert f"composed config: {written}" in proc.stderr
+    assert "loss_mode: bapo" in written.read_text()
     bad = subprocess.run(["bash", str(ROOT / "run_scripts/r1_32b.sh"), "--", A + "actor.ppo_max_token_len_per_gpu=4096"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and A + "actor.ppo_max_token_len_per_gpu=4096" in bad.stderr

@@ -82,8 +82,11 @@ def test_run_dry_run_and_ray_job_get_the_same_arguments(case, fakes, tmp_path):
     ray = _calls(log)
 
     assert [c[:2] for c in local] == [["-m", "recipe.bapo.main_bapo"]] * len(printed)
-    assert [c[:2] for c in dry] == [["-m", "recipe.dry_run"]] * len(printed)
-    assert [c[2:] for c in local] == [c[2:] for c in dry] == printed
+    # the dry run also writes the composed config into the run's log folder, $LOGS/<run name>/config.yaml
+    names = [_settings(args)["trainer.experiment_name"] for args in printed]
+    assert [c[:4] for c in dry] == [["-m", "recipe.dry_run", "--save-config", str(tmp_path / "logs" / n / "config.yaml")]
+                                    for n in names]
+    assert [c[2:] for c in local] == [c[4:] for c in dry] == printed
     for call, args in zip(ray, printed):
         cut = call.index("--")
         assert call[cut + 1:cut + 4] == [str(bin_dir / "python"), "-m", "recipe.bapo.main_bapo"]
@@ -99,31 +102,60 @@ def _settings(args: list[str]) -> dict[str, str]:
     return dict(a.split("=", 1) for a in args)
 
 
+def _flat(node, path=""):
+    """{dotted key: value} of every leaf of a config container."""
+    if not isinstance(node, dict) or not node:
+        return {path: node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{path}.{key}" if path else str(key)).items()}
+
+
 @pytest.mark.parametrize("strategy", ["fsdp2", "megatron"])
 def test_baselines_differ_from_bapo_only_in_the_loss(strategy, tmp_path):
-    """GRPO, clip-higher and the fixed asymmetric clips change only the policy-loss preset, verl's clip keys and
-    the advantage-estimator name, under either engine; STRICT_AB=1 turns verl's dual clip off. (Broken by giving
-    the grpo method its own learning rate: failed.)"""
+    """In the composed configs (configs/method/ resolved by Hydra), GRPO, clip-higher and the fixed asymmetric
+    clips change only the policy loss, verl's clip keys and the advantage-estimator name, under either engine;
+    STRICT_AB=1 turns verl's dual clip off. (Broken by giving configs/method/grpo.yaml its own actor.grad_clip:
+    failed; and by clip_ratio_high 0.3 in clip_higher.yaml: failed.)"""
+    from omegaconf import OmegaConf
+
+    from recipe.dry_run import compose_config
+
     make_data_dir(tmp_path / "data")
-    runs = {m: _settings(printed_runs("r1_7b_8k_staleness8.sh", script_env(tmp_path, METHOD=m, STRATEGY=strategy))[0])
-            for m in ("bapo", "grpo", "clip_higher", "clip_0.8_1.5", "clip_0.5_1.2")}
-    loss_keys = {"policy_loss@actor_rollout_ref.actor.policy_loss", "algorithm.adv_estimator", "trainer.experiment_name",
-                 "trainer.default_local_dir", "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH"}
-    clip_keys = {f"actor_rollout_ref.actor.{k}" for k in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c")}
+
+    def config(**env):
+        args = printed_runs("r1_7b_8k_staleness8.sh", script_env(tmp_path, STRATEGY=strategy, **env))[0]
+        return _flat(OmegaConf.to_container(compose_config(args), resolve=True))
+
+    runs = {m: config(METHOD=m) for m in ("bapo", "grpo", "clip_higher", "clip_0.8_1.5", "clip_0.5_1.2")}
+    naming = {"trainer.experiment_name", "actor_rollout_ref.rollout.trace.experiment_name", "trainer.default_local_dir",
+              "ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH"}
+    A = "actor_rollout_ref.actor."
     windows = {}
     for method, settings in runs.items():
         if method == "bapo":
             continue
         changed = {k for k in settings.keys() | runs["bapo"].keys() if settings.get(k) != runs["bapo"].get(k)}
-        assert changed <= loss_keys | clip_keys, changed - loss_keys - clip_keys
-        assert settings["algorithm.adv_estimator"] == "grpo"
-        assert settings["actor_rollout_ref.actor.clip_ratio_c"] == "3.0"
-        low, high = (float(settings[f"actor_rollout_ref.actor.clip_ratio_{s}"]) for s in ("low", "high"))
-        windows[method] = (round(1 - low, 2), round(1 + high, 2))
+        loss = {k for k in changed if k.startswith(A + "policy_loss.")}
+        assert changed - loss - naming <= {"algorithm.adv_estimator", A + "clip_ratio_low", A + "clip_ratio_high"}, changed - loss - naming
+        assert settings["algorithm.adv_estimator"] == "grpo" and settings[A + "policy_loss.loss_mode"] == "vanilla"
+        assert settings[A + "clip_ratio_c"] == 3.0
+        windows[method] = (round(1 - settings[A + "clip_ratio_low"], 2), round(1 + settings[A + "clip_ratio_high"], 2))
+    assert runs["bapo"][A + "policy_loss.loss_mode"] == "bapo" and runs["bapo"]["algorithm.adv_estimator"] == "bapo"
     assert windows == {"grpo": (0.8, 1.2), "clip_higher": (0.8, 1.28), "clip_0.8_1.5": (0.8, 1.5),
                        "clip_0.5_1.2": (0.5, 1.2)}
-    strict = _settings(printed_runs("r1_7b_8k_staleness8.sh", script_env(tmp_path, METHOD="grpo", STRICT_AB="1"))[0])
-    assert float(strict["actor_rollout_ref.actor.clip_ratio_c"]) >= 1e9
+    assert config(METHOD="grpo", STRICT_AB="1")[A + "clip_ratio_c"] >= 1e9
+
+
+@pytest.mark.parametrize("method, message", [
+    ("ppo", "METHOD=ppo: valid (configs/method/): bapo bapo_authors_code clip_0.5_1.2 clip_0.8_1.5 clip_higher grpo"),
+    ("bapo_authors", "METHOD=bapo_authors is now METHOD=bapo_authors_code"),
+    ("clip", "METHOD=clip is now METHOD=grpo"),
+    ("../bapo_trainer", "valid (configs/method/): bapo "),
+])
+def test_unknown_method_is_refused_naming_the_valid_ones(method, message, tmp_path):
+    """An unknown (or renamed) METHOD stops the script before anything runs, naming the valid methods or the new name."""
+    make_data_dir(tmp_path / "data")
+    proc = run_script("r1_7b_8k_staleness8.sh", script_env(tmp_path, METHOD=method, DRY_RUN="print"), check=False)
+    assert proc.returncode == 2 and message in proc.stderr and not proc.stdout
 
 
 def test_megatron_is_offered_only_where_a_script_has_a_layout(tmp_path):
@@ -141,7 +173,7 @@ def test_megatron_is_offered_only_where_a_script_has_a_layout(tmp_path):
 
 
 def test_staleness_sweep_covers_figure_11(tmp_path):
-    """Six runs: staleness 2 and 4 (from the runs' own batch keys) x clip, clip-higher, BAPO; the default
+    """Six runs: staleness 2 and 4 (from the runs' own batch keys) x grpo, clip_higher, bapo; the default
     prints one command per cell. (Broken by a sweep mini-batch of 96: failed.)"""
     make_data_dir(tmp_path / "data")
     env = script_env(tmp_path)
@@ -150,13 +182,12 @@ def test_staleness_sweep_covers_figure_11(tmp_path):
         s = _settings(args)
         staleness = int(s["actor_rollout_ref.actor.ppo_epochs"]) * int(s["data.train_batch_size"]) / int(
             s["actor_rollout_ref.actor.ppo_mini_batch_size"])
-        loss = s.get("actor_rollout_ref.actor.clip_ratio_high", "bapo")
-        cells.add((staleness, loss))
+        cells.add((staleness, s["method"]))
         assert int(s["data.max_prompt_length"]) + int(s["data.max_response_length"]) == 32768
-    assert cells == {(st, loss) for st in (2.0, 4.0) for loss in ("0.2", "0.28", "bapo")}
+    assert cells == {(st, method) for st in (2.0, 4.0) for method in ("grpo", "clip_higher", "bapo")}
     listed = run_script("r1_7b_32k_staleness_sweep.sh", env).stdout.strip().splitlines()
     assert {tuple(line.split()[:2]) for line in listed} == {
-        (f"STALENESS={st}", f"METHOD={m}") for st in (2, 4) for m in ("clip", "clip_higher", "bapo")}
+        (f"STALENESS={st}", f"METHOD={m}") for st in (2, 4) for m in ("grpo", "clip_higher", "bapo")}
 
 
 def test_smoke_gpu_refuses_without_gpu_or_vllm(tmp_path):

@@ -34,13 +34,17 @@ def test_bad_staleness_names_the_valid_values(level, message):
 
 
 def test_methods_and_seeds():
-    clip = dict(o.split("=") for o in method_overrides("clip:0.5,1.28"))
-    assert float(clip["actor_rollout_ref.actor.clip_ratio_low"]) == pytest.approx(0.5)
-    assert float(clip["actor_rollout_ref.actor.clip_ratio_high"]) == pytest.approx(0.28)
-    with pytest.raises(ValueError, match="valid: bapo, bapo_authors_code, grpo, clip_higher"):
+    """A method of the grid is an option of configs/method/ (the scripts' METHOD names): its composed config has
+    the method's window; an unknown name is refused before anything runs, naming the valid ones."""
+    from recipe.sweep.launch import compose
+
+    actor = compose("cpu_tiny", method_overrides("clip_0.5_1.2")).actor_rollout_ref.actor
+    assert (actor.policy_loss.loss_mode, actor.clip_ratio_low, actor.clip_ratio_high) == ("vanilla", 0.5, 0.2)
+    with pytest.raises(ValueError, match=r"'ppo' is unknown; valid \(configs/method/\): bapo, bapo_authors_code, clip_0.5_1.2, "
+                                         r"clip_0.8_1.5, clip_higher, grpo$"):
         method_overrides("ppo")
-    with pytest.raises(ValueError, match="0 < LOW < 1 < HIGH"):
-        method_overrides("clip:1.2,0.8")
+    with pytest.raises(ValueError, match="clip:LOW,HIGH is now clip_LOW_HIGH"):
+        method_overrides("clip:0.5,1.2")
     assert len({r.name for r in expand(["bapo", "grpo"], ["1", "8"], [0, 3], 16)}) == 2 * 2 * 2
 
 
@@ -167,7 +171,7 @@ def test_cluster_mode_calls_the_paper_run_script_with_the_grid(tmp_path, capsys)
         run = Path(got["+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH"]).parents[1]
         assert run.parent == tmp_path and (run / "run.json").exists()
         staleness = int(got["data.train_batch_size"]) // int(got["actor_rollout_ref.actor.ppo_mini_batch_size"])
-        method = "clip_higher" if float(got.get("actor_rollout_ref.actor.clip_ratio_high", 0)) == 0.28 else "bapo"
+        method = got["method"]  # the script's METHOD is the grid's name (configs/method/)
         assert run.name == f"{method}-s{staleness}-seed3"  # the folder the report reads is the cell that ran
         cells.add((method, staleness))
     assert cells == {("bapo", 2), ("bapo", 4), ("clip_higher", 2), ("clip_higher", 4)}

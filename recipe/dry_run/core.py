@@ -54,11 +54,21 @@ def split_config_name(args: list[str]) -> tuple[str, list[str]]:
 
 
 def compose_config(overrides: list[str], config_name: str = "bapo_trainer") -> DictConfig:
-    """The config main_bapo's @hydra.main would build from these overrides (same directory, same name)."""
+    """The config main_bapo's @hydra.main would build from these overrides (same directory, same name;
+    hydra.* overrides are Hydra's own settings, not the job's, and are left out)."""
+    import verl  # noqa: F401  (the plugin registers the ${tiny_assets:...} resolver)
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name, overrides=list(overrides))
+        return compose(config_name, overrides=[o for o in overrides if not o.startswith("hydra.")])
+
+
+def write_config(cfg: DictConfig, path: str | Path) -> Path:
+    """The composed config, interpolations resolved, as YAML at `path` (folders created): every setting of the run."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
 
 
 def verl_checks(cfg: DictConfig, model_local: bool) -> list[str]:
@@ -117,13 +127,16 @@ def ref_as_the_worker_builds_it(cfg: DictConfig) -> DictConfig:
     return ref
 
 
-def dry_run(args: list[str]) -> DryRun:
-    """Everything `python -m recipe.dry_run ARGS` checks; raises DryRunError listing what would fail."""
+def dry_run(args: list[str], save_config: str | Path | None = None) -> DryRun:
+    """Everything `python -m recipe.dry_run ARGS` checks; raises DryRunError listing what would fail.
+    With `save_config`, the composed config is written there first (also when a later check fails)."""
     from verl.trainer.ppo.utils import need_reference_policy
 
     config_name, overrides = split_config_name(args)
     try:
         cfg = compose_config(overrides, config_name)
+        if save_config is not None:
+            write_config(cfg, save_config)
     except Exception as e:  # Hydra's own errors (unknown key, bad override syntax) name the key
         raise DryRunError([f"composition ({config_name}): {type(e).__name__}: {e}"]) from e
     model_path = str(cfg.actor_rollout_ref.model.path)

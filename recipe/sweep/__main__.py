@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from recipe.sweep.cluster import expand_for_script, script_commands
-from recipe.sweep.grid import expand
+from recipe.sweep.grid import expand, method_names
 from recipe.sweep.launch import compose, prepare, run_folders
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m recipe.sweep", description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="+", default=["bapo", "grpo", "clip_higher"], help="bapo, bapo_authors_code, grpo, clip_higher, clip:LOW,HIGH")
+    p.add_argument("--methods", nargs="+", default=["bapo", "grpo", "clip_higher"], help=f"options of configs/method/: {', '.join(method_names())}")
     p.add_argument("--staleness", nargs="+", default=["1", "4", "8"], help="optimizer updates per rollout batch: U or UeE (E epochs, e.g. 8e2)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--variant", action="append", type=parse_variant, default=[], help="NAME=ov1,ov2: an extra axis of override sets (repeatable)")

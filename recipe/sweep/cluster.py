@@ -11,18 +11,14 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from recipe.sweep.grid import RunSpec, parse_staleness, seed_overrides
+from recipe.sweep.grid import RunSpec, check_method, parse_staleness, seed_overrides
 from recipe.sweep.runs import read_info, write_info
-
-SCRIPT_METHODS = {"bapo": "bapo", "bapo_authors_code": "bapo_authors", "grpo": "grpo", "clip_higher": "clip_higher",
-                  "clip:0.8,1.5": "clip_0.8_1.5", "clip:0.5,1.2": "clip_0.5_1.2"}  # fmt: skip
 
 
 def expand_for_script(args) -> list[RunSpec]:
     """The grid without composing a config (the scripts choose the batch geometry from STALENESS)."""
     for method in args.methods:
-        if method not in SCRIPT_METHODS:
-            raise ValueError(f"method {method!r} has no paper-run script method; valid: {', '.join(SCRIPT_METHODS)}")
+        check_method(method)  # the scripts take the same names (configs/method/)
     for level in args.staleness:
         if parse_staleness(level)[1] != 1:
             raise ValueError(f"staleness {level!r}: the scripts take STALENESS=U only (no epochs)")
@@ -41,7 +37,7 @@ def script_commands(script: Path, out: Path, specs: list[RunSpec]) -> list[str]:
     lines = []
     for spec in specs:
         run = out / spec.name
-        env = {**({"STALENESS": spec.staleness} if reads_staleness else {}), "METHOD": SCRIPT_METHODS[spec.method],
+        env = {**({"STALENESS": spec.staleness} if reads_staleness else {}), "METHOD": spec.method,
                "LOGS": str(run), "CKPT": str(run / "checkpoints")}  # fmt: skip
         command = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.quote(str(script)), "--", *map(shlex.quote, spec.overrides)])
         info = {"name": spec.name, "method": spec.method, "staleness": spec.staleness, "seed": spec.seed, "variant": spec.variant,

@@ -1,16 +1,8 @@
 """The grid of a sweep: methods x staleness levels x seeds (x extra overrides), as Hydra overrides.
 
-A *method* is a policy loss with its advantage estimator:
-
-| name | what |
-|---|---|
-| `bapo` | the `bapo_paper` preset (Algorithm 1), `bapo` advantages |
-| `bapo_authors_code` | the `bapo_authors_code` preset |
-| `grpo` | verl's vanilla PPO loss with clip [0.8, 1.2], `grpo` advantages |
-| `clip_higher` | the same with clip [0.8, 1.28] (DAPO's clip-higher) |
-| `clip:LOW,HIGH` | the same with fixed ratio bounds [LOW, HIGH], e.g. `clip:0.5,1.2` (paper Fig. 7) |
-
-The baselines keep verl's dual clip (`clip_ratio_c` 3.0); `bapo_paper` has none.
+A *method* is a policy loss with its advantage estimator: an option of the Hydra group configs/method/ (one
+file per method, saying what it is), selected with the override `method=NAME`. The paper-run scripts take the
+same names (METHOD=NAME). Another fixed clip window is one more file there (like clip_higher.yaml).
 
 *Staleness* U = optimizer updates per rollout batch = ppo_epochs * train_batch_size / ppo_mini_batch_size
 (verl's worker loop, engine_workers.py `train_mini_batch`). A level is `U` (ppo_epochs=1,
@@ -32,10 +24,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
-_BASELINE = ["policy_loss@actor_rollout_ref.actor.policy_loss=grpo_vanilla", "algorithm.adv_estimator=grpo"]
-PRESETS = ("bapo", "bapo_authors_code")
-FIXED = {"grpo": (0.8, 1.2), "clip_higher": (0.8, 1.28)}
+from recipe.bapo.main_bapo import CONFIG_DIR
+
+METHOD_DIR = Path(CONFIG_DIR) / "method"
 SEED_KEYS = (
     "data.seed",
     "actor_rollout_ref.rollout.seed",
@@ -46,24 +39,24 @@ SEED_KEYS = (
     "critic.fsdp.seed",
     "reward.reward_model.rollout.seed",
 )
-_CLIP = re.compile(r"^clip:([0-9.]+),([0-9.]+)$")
+
+
+def method_names() -> list[str]:
+    """The methods: the options of configs/method/."""
+    return sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
+
+
+def check_method(method: str) -> str:
+    """`method` if it is an option of configs/method/, else ValueError naming it and the valid ones."""
+    if method not in method_names():
+        hint = " (clip:LOW,HIGH is now clip_LOW_HIGH, a file in configs/method/)" if method.startswith("clip:") else ""
+        raise ValueError(f"method {method!r} is unknown{hint}; valid (configs/method/): {', '.join(method_names())}")
+    return method
 
 
 def method_overrides(method: str) -> list[str]:
-    """Hydra overrides selecting `method`; ValueError naming the valid methods."""
-    if method in PRESETS:
-        preset = "bapo_paper" if method == "bapo" else method
-        return [f"policy_loss@actor_rollout_ref.actor.policy_loss={preset}", "algorithm.adv_estimator=bapo"]
-    bounds = FIXED.get(method)
-    match = _CLIP.match(method)
-    if match:
-        bounds = (float(match[1]), float(match[2]))
-        if not 0 < bounds[0] < 1 < bounds[1]:
-            raise ValueError(f"method {method!r}: bounds must satisfy 0 < LOW < 1 < HIGH")
-    if bounds is None:
-        raise ValueError(f"method {method!r} is unknown; valid: {', '.join([*PRESETS, *FIXED])} or clip:LOW,HIGH")
-    low, high = (round(1 - bounds[0], 6), round(bounds[1] - 1, 6))  # verl's clip keys are epsilons
-    return [*_BASELINE, f"actor_rollout_ref.actor.clip_ratio_low={low}", f"actor_rollout_ref.actor.clip_ratio_high={high}"]
+    """The Hydra override selecting `method`; ValueError naming the valid methods."""
+    return [f"method={check_method(method)}"]
 
 
 def parse_staleness(level: str) -> tuple[int, int]:

@@ -16,7 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from recipe.bapo.main_bapo import CONFIG_DIR, run_logged
+from recipe.bapo.main_bapo import run_logged
+from recipe.dry_run.core import compose_config, write_config
 from recipe.sweep.grid import RunSpec
 from recipe.sweep.runs import attempt_metrics, attempt_wall, checkpoint_step, read_info, read_jsonl, write_info, write_merged
 
@@ -37,19 +38,12 @@ def run_overrides(run_dir: Path, spec: RunSpec, save_freq: int, dump_rollouts: b
 
 
 def compose(config_name: str, overrides: list[str]):
-    """The config main_bapo would run with (hydra.* overrides are Hydra's own, not the job's)."""
-    import verl  # noqa: F401  (the plugin registers the ${tiny_assets:...} resolver)
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return hydra_compose(config_name=config_name, overrides=[o for o in overrides if not o.startswith("hydra.")])
+    """The config main_bapo would run with (recipe.dry_run.compose_config)."""
+    return compose_config(overrides, config_name)
 
 
 def prepare(run_dir: Path, spec: RunSpec, config_name: str, save_freq: int, dump_rollouts: bool = False) -> dict:
     """Write (or check) the run folder; returns its run.json. Raises if the folder holds a different run."""
-    from omegaconf import OmegaConf
-
     run_dir.mkdir(parents=True, exist_ok=True)
     args = ["--config-name", config_name, *run_overrides(run_dir, spec, save_freq, dump_rollouts)]
     info = read_info(run_dir)
@@ -65,7 +59,7 @@ def prepare(run_dir: Path, spec: RunSpec, config_name: str, save_freq: int, dump
             "variant": spec.variant, "args": args, "command": command,
             "total_steps": int(config.trainer.total_training_steps), "attempts": [], "finished": False,
         }  # fmt: skip
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
+        write_config(config, run_dir / "config.yaml")
         (run_dir / "command.sh").write_text(
             "# one attempt of this run (the sweep sets k = the attempt number; resume_mode=auto continues)\n"
             + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + command + "\n"

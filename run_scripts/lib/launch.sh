@@ -7,7 +7,8 @@
 #                      run_scripts/eval_aime.sh on it (avg@16); EVAL=0 skips the evaluation
 #   LAUNCH=ray_job     ray job submit (RAY_ADDRESS, default http://127.0.0.1:8265) -- python -m recipe.bapo.main_bapo ARGS
 #                      on a running Ray cluster (run_scripts/multinode/ray_cluster.sh); RAY_NO_WAIT=1 returns at once
-#   DRY_RUN=1          python -m recipe.dry_run ARGS: compose, verl's checks, cluster checks, plan; no GPU, no Ray
+#   DRY_RUN=1          python -m recipe.dry_run ARGS: compose, verl's checks, cluster checks, plan; no GPU, no Ray;
+#                      writes the composed config to $LOGS/<run name>/config.yaml (every setting of the run)
 #   DRY_RUN=print      print ARGS, one per line, an empty line after each run (what the tests read)
 #
 # Environment (defaults in brackets):
@@ -21,6 +22,7 @@
 #   RUN_ID     names this attempt's metrics file, metrics-$RUN_ID.jsonl (verl's file logger truncates) [UTC time]
 #   PROJECT    trainer.project_name (wandb) [bapo-paper];  WANDB_API_KEY set: wandb is added to trainer.logger
 #   STRICT_AB=1  baselines without verl's dual clip (clip_ratio_c=1e9), like BAPO's paper preset [verl's 3.0]
+#   METHOD     the method, an option of configs/method/ (scripts that offer several) [the script's]
 #   STRATEGY   actor engine: fsdp2 or megatron (scripts that offer it) [fsdp2]; megatron runs are named
 #              <run name>-megatron (their checkpoints do not load into FSDP and back)
 #   STEPS [250], SAVE_FREQ [10], TEST_FREQ [10];  EVAL=0: no final evaluation;  EVAL_ONLY=1: only that
@@ -67,23 +69,21 @@ bapo_strategy() {
 # bapo_abs PATH: the absolute form of PATH (checkpoints, logs and data are read by processes on every node).
 bapo_abs() { [[ "$1" == /* ]] && echo "$1" || echo "$PWD/$1"; }
 
-# bapo_method METHOD: the loss of each method, as overrides in METHOD_ARGS. Baselines differ from BAPO only
-# here: verl's vanilla PPO loss with its clip keys, and verl's `grpo` advantages (= `bapo`, tested).
+# bapo_method METHOD: the method (policy loss + advantage estimator) as overrides in METHOD_ARGS: `method=METHOD`,
+# an option of configs/method/ (the one table of methods, shared with recipe.sweep). Baselines differ from BAPO
+# only there. STRICT_AB=1 also turns off verl's dual clip (actor.clip_ratio_c, read by the baselines' vanilla
+# loss only; BAPO's presets have their own, policy_loss.dual_clip_c).
 bapo_method() {
-  local dual_clip=3.0  # verl's default dual clip (actor.yaml); BAPO's paper preset has none
-  [[ "${STRICT_AB:-0}" == 1 ]] && dual_clip=1e9
-  local baseline=(policy_loss@actor_rollout_ref.actor.policy_loss=grpo_vanilla algorithm.adv_estimator=grpo
-                  actor_rollout_ref.actor.clip_ratio_c=$dual_clip)
-  case "$1" in
-    bapo)         METHOD_ARGS=(policy_loss@actor_rollout_ref.actor.policy_loss=bapo_paper algorithm.adv_estimator=bapo) ;;
-    bapo_authors) METHOD_ARGS=(policy_loss@actor_rollout_ref.actor.policy_loss=bapo_authors_code algorithm.adv_estimator=bapo) ;;
-    # ratio window [1 - clip_ratio_low, 1 + clip_ratio_high]
-    grpo|clip)    METHOD_ARGS=("${baseline[@]}" actor_rollout_ref.actor.clip_ratio_low=0.2 actor_rollout_ref.actor.clip_ratio_high=0.2) ;;
-    clip_higher)  METHOD_ARGS=("${baseline[@]}" actor_rollout_ref.actor.clip_ratio_low=0.2 actor_rollout_ref.actor.clip_ratio_high=0.28) ;;
-    clip_0.8_1.5) METHOD_ARGS=("${baseline[@]}" actor_rollout_ref.actor.clip_ratio_low=0.2 actor_rollout_ref.actor.clip_ratio_high=0.5) ;;
-    clip_0.5_1.2) METHOD_ARGS=("${baseline[@]}" actor_rollout_ref.actor.clip_ratio_low=0.5 actor_rollout_ref.actor.clip_ratio_high=0.2) ;;
-    *) bapo_die "METHOD=$1: valid: bapo bapo_authors grpo clip clip_higher clip_0.8_1.5 clip_0.5_1.2" ;;
+  local valid
+  valid="$(cd "$BAPO_ROOT/configs/method" && ls -- *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
+  case "$1" in  # the launcher's names before configs/method/
+    bapo_authors) bapo_die "METHOD=bapo_authors is now METHOD=bapo_authors_code" ;;
+    clip) bapo_die "METHOD=clip is now METHOD=grpo" ;;
   esac
+  [[ "$1" != */* && -f "$BAPO_ROOT/configs/method/$1.yaml" ]] || bapo_die "METHOD=$1: valid (configs/method/): ${valid% }"
+  METHOD_ARGS=("method=$1")
+  [[ "${STRICT_AB:-0}" == 1 ]] && METHOD_ARGS+=(actor_rollout_ref.actor.clip_ratio_c=1e9)
+  return 0
 }
 
 # bapo_common NAME: settings every paper run shares, in COMMON_ARGS.
@@ -160,7 +160,7 @@ bapo_launch() {
   for a in "${args[@]}"; do [[ "$a" != *$'\n'* && -n "$a" ]] || bapo_die "empty or multi-line override: '$a'"; done
   case "${DRY_RUN:-0}" in
     print) printf '%s\n' "${args[@]}"; echo; return ;;
-    1) echo "== dry run: $name" >&2; "$PYTHON" -m recipe.dry_run "${args[@]}"; return ;;
+    1) echo "== dry run: $name" >&2; "$PYTHON" -m recipe.dry_run --save-config "$BAPO_LOGS/config.yaml" "${args[@]}"; return ;;
     0) ;;
     *) bapo_die "DRY_RUN=$DRY_RUN: valid: 1, print (or unset)" ;;
   esac
