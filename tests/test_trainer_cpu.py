@@ -140,6 +140,7 @@ def two_ranks(assets, tmp_path_factory):
     return out, *run_bapo(out, overrides)
 
 
+@pytest.mark.xdist_group("two_ranks")  # one worker runs the shared 2-rank run, then resumes it
 def test_two_ranks_with_staleness_pick_identical_bounds_and_checkpoint(two_ranks):
     """v0 trainer, 2 ranks: 2 steps x 8 optimizer updates (staleness 8), every update's bounds equal on both
     ranks and to a search over the union of their loss ratios; the r = 1 shortcut only on each step's first
@@ -159,6 +160,7 @@ def test_two_ranks_with_staleness_pick_identical_bounds_and_checkpoint(two_ranks
     assert a.shape != b.shape or not torch.equal(a, b)
 
 
+@pytest.mark.xdist_group("two_ranks")  # one worker runs the shared 2-rank run, then resumes it
 def test_v0_trainer_resumes_from_the_checkpoint(assets, two_ranks, tmp_path_factory):
     out, proc, *_ = two_ranks
     assert_succeeded(proc)

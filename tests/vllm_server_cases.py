@@ -81,8 +81,22 @@ def server(model_dir, base):
     server.run(server.push({k: v.clone() for k, v in base.state_dict().items()}, 0))
     yield server
     server.close()
-    for path in set(glob.glob("/dev/shm/psm_*")) - shm_before:  # vLLM's shared-memory segments outlive it
+    # vLLM's shared-memory segments outlive it; a trainer test on another pytest worker may have made some of the
+    # new ones meanwhile, so only those no live process maps are removed
+    for path in unmapped(set(glob.glob("/dev/shm/psm_*")) - shm_before):
         os.unlink(path)
+
+
+def unmapped(paths: set[str]) -> set[str]:
+    """The paths of `paths` that no process on this machine has mapped (/proc/<pid>/maps)."""
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                mapped.update(line.split(maxsplit=5)[-1].strip() for line in f if "/dev/shm/psm_" in line)
+        except OSError:  # the process ended while we read
+            continue
+    return paths - mapped
 
 
 def prompts(count: int) -> list[list[int]]:
