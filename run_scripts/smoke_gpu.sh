@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU smoke run of a fresh cluster install: the tiny local model and data (recipe/data/tiny_assets.py,
+# One-GPU smoke run of a fresh cluster install: the tiny local model and data (recipe/data/tiny_assets/,
 # built on first use, ~1 min) through vLLM + FSDP2 for a few steps, BAPO then GRPO, then the avg@16 evaluation
 # path. Minutes, not hours; run it before a real run. Needs an NVIDIA GPU and vLLM (pip install -e ".[gpu]").
 #

@@ -1,4 +1,4 @@
-"""Tiny local training assets (recipe/data/tiny_assets.py): tokenizer, verl parquet, warm-started model.
+"""Tiny local training assets (recipe/data/tiny_assets/): tokenizer, verl parquet, warm-started model.
 
 The default build is made once per session (or taken from <repo>/.cache/tiny_assets, ~40 s when
 built on 2 cores). The determinism test builds twice with a reduced configuration (few warm-start
@@ -216,13 +216,13 @@ def test_explicit_dir_cache_and_foreign_dir(tmp_path):
 
 @pytest.mark.slow
 def test_aborted_build_leaves_nothing(tmp_path, monkeypatch):
-    real = ta._write_files
+    real = ta.build._write_files
 
     def crash(tmp, params, log):
         real(tmp, params, log)
         raise KeyboardInterrupt  # after everything was written into the temporary directory
 
-    monkeypatch.setattr(ta, "_write_files", crash)
+    monkeypatch.setattr(ta.build, "_write_files", crash)
     threads = torch.get_num_threads()
     with pytest.raises(KeyboardInterrupt):
         ta.build_tiny_assets(cache_root=tmp_path, seed=3, **SMALL)
@@ -283,9 +283,9 @@ def test_varied_expected_accuracy_is_the_sum_over_phrasings(tmp_path):
             logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
             total += float(torch.exp(logp[torch.arange(len(response)), torch.tensor(response)].sum()))
         expected.append(total)
-    got = ta.response_probabilities(model, ta._Encoder(tok), problems, style="varied")
+    got = ta.response_probabilities(model, ta.training._Encoder(tok), problems, style="varied")
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-12)
-    restate = ta.response_probabilities(model, ta._Encoder(tok), problems)
+    restate = ta.response_probabilities(model, ta.training._Encoder(tok), problems)
     assert all(r < g for r, g in zip(restate, got))  # one phrasing is a strict part of the sum
 
 
@@ -315,6 +315,6 @@ def test_scratch_expected_accuracy_scores_the_answer_given_the_fixed_scratch(tmp
             logits = model(input_ids=torch.tensor([prompt + suffix])).logits[0].float()
         logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
         expected.append(float(torch.exp(logp[torch.arange(len(suffix)), torch.tensor(suffix)].sum())))
-    got = ta.response_probabilities(model, ta._Encoder(tok), problems, style="scratch")
+    got = ta.response_probabilities(model, ta.training._Encoder(tok), problems, style="scratch")
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-12)
     assert problems[0].responses("scratch") == ta.Problem(7, "*", 8).responses("scratch")  # fixed per problem

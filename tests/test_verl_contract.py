@@ -267,9 +267,9 @@ PINS = [
     fields("verl.workers.config.rollout:CheckpointEngineConfig", ["update_weights_bucket_megabytes"], VLLM_TESTING),
     fields("verl.workers.config:HFModelConfig", ["path"], VLLM_TESTING),
     exists("transformers:PretrainedConfig._attn_implementation", PATCHES + " fix 3, benchmarks/gpu_memory.py"),
-    exists("transformers.utils.logging:is_progress_bar_enabled", "recipe/data/tiny_assets.py _build_environment"),
-    exists("transformers.utils.logging:disable_progress_bar", "recipe/data/tiny_assets.py _build_environment"),
-    exists("transformers.utils.logging:enable_progress_bar", "recipe/data/tiny_assets.py _build_environment"),
+    exists("transformers.utils.logging:is_progress_bar_enabled", "recipe/data/tiny_assets/build.py _build_environment"),
+    exists("transformers.utils.logging:disable_progress_bar", "recipe/data/tiny_assets/build.py _build_environment"),
+    exists("transformers.utils.logging:enable_progress_bar", "recipe/data/tiny_assets/build.py _build_environment"),
     # ---------------------------------------------------------------- Ray
     sig("ray.runtime_context:RuntimeContext.get_job_id", "(self)", VLLM_TESTING + " push_weights"),
     assigns("ray.exceptions:RayTaskError", ["cause"], AGENT + " (EngineDeadError as Ray delivers it)"),

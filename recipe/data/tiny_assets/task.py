@@ -1,0 +1,95 @@
+"""The tiny task: synthetic AIME-format arithmetic problems, their warm-start target responses, verl rows
+and the reward (the last \\boxed{integer} against the answer). See the package docstring."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+from recipe.data.templates import math_prompt
+
+DATA_SOURCE = "tiny_aime"
+OPS = ("+", "-", "*")
+_BOXED_INT = re.compile(r"\\boxed\{\s*(\d+)\s*\}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    op: str
+    b: int
+
+    @property
+    def answer(self) -> int:
+        return {"+": self.a + self.b, "-": self.a - self.b, "*": self.a * self.b}[self.op]
+
+    @property
+    def text(self) -> str:
+        return f"Compute {self.a}{self.op}{self.b}."
+
+    @property
+    def response(self) -> str:
+        """Warm-start target: the computation restated, then the boxed answer."""
+        return f"{self.a}{self.op}{self.b}={self.answer} \\boxed{{{self.answer}}}"
+
+    def responses(self, style: str) -> tuple[str, ...]:
+        """Warm-start targets of ``style`` (every one ends with the boxed answer; the first is ``response``;
+        for "scratch", one fixed scratch: the warm start draws a fresh one per example)."""
+        if style == "restate":
+            return (self.response,)
+        if style == "scratch":
+            rng = random.Random(f"{self.a}{self.op}{self.b}")
+            return (scratch_response(self, "".join(rng.choice(SCRATCH_LETTERS) for _ in range(SCRATCH_LENGTH))),)
+        a, op, b, x = self.a, self.op, self.b, self.answer
+        return (self.response, f"\\boxed{{{x}}}", f"The answer is \\boxed{{{x}}}",
+                f"{a}{op}{b} gives {x}, so \\boxed{{{x}}}", f"So {x}. \\boxed{{{x}}}")
+
+
+RESPONSE_STYLES = ("restate", "varied", "scratch")
+# "scratch": SCRATCH_LENGTH letters drawn uniformly and independently, then the boxed answer: free tokens the
+# reward ignores (like the many inconsequential forking tokens of a reasoning trace), ~3.3 nats each
+SCRATCH_LETTERS, SCRATCH_LENGTH = "abcdefghijklmnopqrstuvwxyz", 6
+
+
+def scratch_response(problem: Problem, letters: str) -> str:
+    return f"{letters} \\boxed{{{problem.answer}}}"
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """Independent, reproducible seed for one random stream of a build."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{stream}".encode()).digest()[:8], "little")
+
+
+def sample_problem(rng: random.Random, max_operand: int = 9) -> Problem:
+    op = OPS[rng.randrange(len(OPS))]
+    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+    if op == "-" and a < b:
+        a, b = b, a
+    return Problem(a, op, b)
+
+
+def verl_row(problem: Problem, split: str, index: int) -> dict:
+    """One row of verl's RL schema (RLHFDataset: chat `prompt`, rule reward with a string answer)."""
+    return {
+        "data_source": DATA_SOURCE,
+        "prompt": [{"role": "user", "content": math_prompt(problem.text)}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": str(problem.answer)},
+        "extra_info": {
+            "split": split,
+            "index": index,
+            "problem": problem.text,
+            "a": problem.a,
+            "b": problem.b,
+            "op": problem.op,
+            "answer": problem.answer,
+        },
+    }
+
+
+def score_response(response: str, ground_truth: str | int) -> float:
+    """1.0 when the last \\boxed{integer} of `response` equals `ground_truth`, else 0.0."""
+    found = _BOXED_INT.findall(response)
+    return float(bool(found) and int(found[-1]) == int(ground_truth))

@@ -1,0 +1,194 @@
+"""The supervised warm start of the tiny model (two phases, plain PyTorch) and the accuracy measures of a
+build: teacher-forced probability of the target response, and sampled accuracy. See the package docstring."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import TYPE_CHECKING
+
+from recipe.data.templates import math_prompt
+
+from .model import EOS_TOKEN, PAD_TOKEN, _token_ids, chat_prompt_ids
+from .task import SCRATCH_LENGTH, SCRATCH_LETTERS, Problem, derive_seed, sample_problem, score_response, scratch_response
+
+if TYPE_CHECKING:
+    from .cache import TinyAssetsParams
+
+
+class _Encoder:
+    """Caches prompt / response token ids per problem (the problem space is small)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_id = tok.convert_tokens_to_ids(EOS_TOKEN)
+        self.pad_id = tok.convert_tokens_to_ids(PAD_TOKEN)
+        self._cache: dict[tuple, list[int]] = {}
+
+    def prompt(self, problem: Problem, bare: bool = False) -> list[int]:
+        key = (problem, bare)
+        if key not in self._cache:
+            self._cache[key] = chat_prompt_ids(self.tok, problem.text if bare else math_prompt(problem.text))
+        return self._cache[key]
+
+    def response(self, problem: Problem, style: str = "restate", variant: int = 0) -> list[int]:
+        key = (problem, "response", style, variant)
+        if key not in self._cache:
+            text = problem.responses(style)[variant]
+            self._cache[key] = list(self.tok.encode(text, add_special_tokens=False))
+        return self._cache[key]
+
+
+def _teacher_forced_batch(enc: _Encoder, problems: list[Problem], bare: bool, with_eos: bool,
+                          style: str = "restate", variants: list[int] | None = None,
+                          targets: list[list[int]] | None = None, unscored_prefix: int = 0):
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 outside the response and on its
+    first ``unscored_prefix`` tokens. ``variants[i]``: which of ``problems[i].responses(style)`` is the
+    target (default the first); ``targets``: explicit response ids instead."""
+    import torch
+
+    seqs, labels = [], []
+    for i, p in enumerate(problems):
+        target = targets[i] if targets is not None else enc.response(p, style, variants[i] if variants else 0)
+        prompt, resp = enc.prompt(p, bare), target + ([enc.eos_id] if with_eos else [])
+        seqs.append(prompt + resp)
+        labels.append([-100] * (len(prompt) + unscored_prefix) + resp[unscored_prefix:])
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), enc.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        lab[i, : len(l)] = torch.tensor(l)
+    return ids, mask, lab
+
+
+def response_probabilities(model, enc: _Encoder, problems: list[Problem], bare: bool = False,
+                           batch_size: int = 256, style: str = "restate") -> list[float]:
+    """Teacher-forced probability of each problem's full target response (eos excluded); for several
+    phrasings (``style``), the sum over them (each is a correct answer: still a lower bound of accuracy);
+    for "scratch", of the boxed answer given the problem's fixed scratch (the scratch tokens are free)."""
+    count = len(problems[0].responses(style)) if problems else 1
+    if count > 1:
+        per_variant = [_response_probabilities(model, enc, problems, bare, batch_size, style, v) for v in range(count)]
+        return [sum(ps) for ps in zip(*per_variant)]
+    return _response_probabilities(model, enc, problems, bare, batch_size, style, 0)
+
+
+def _response_probabilities(model, enc, problems, bare, batch_size, style, variant) -> list[float]:
+    import torch
+
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start : start + batch_size]
+            ids, mask, lab = _teacher_forced_batch(enc, chunk, bare, False, style, [variant] * len(chunk),
+                                                   unscored_prefix=SCRATCH_LENGTH if style == "scratch" else 0)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target = lab[:, 1:]
+            logp = torch.log_softmax(logits, dim=-1)
+            tok_lp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            tok_lp = torch.where(target == -100, torch.zeros_like(tok_lp), tok_lp)
+            out.extend(torch.exp(tok_lp.sum(-1)).tolist())
+    model.train(was_training)
+    return out
+
+
+def warm_start(model, enc: _Encoder, params: TinyAssetsParams, val: list[Problem], log=print) -> dict:
+    """Supervised warm start in two phases (bare prompts, then the real prompts); see module docstring."""
+    import torch
+
+    rng = random.Random(derive_seed(params.seed, "sft"))
+    style_rng = random.Random(derive_seed(params.seed, "sft-style"))  # own stream: "restate" builds unchanged
+    n_styles = len(Problem(1, "+", 1).responses(params.response_style))
+    torch.manual_seed(derive_seed(params.seed, "sft-torch"))
+    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    model.train()
+    history: list[dict] = []
+    step = 0
+    t0 = time.perf_counter()
+
+    def run_phase(bare: bool, target: float, max_steps: int, every: int) -> tuple[int, float]:
+        nonlocal step
+        acc = float("nan")
+        for i in range(1, max_steps + 1):
+            step += 1
+            for group in opt.param_groups:
+                group["lr"] = params.lr * min(1.0, step / max(1, params.warmup_steps))
+            batch = [sample_problem(rng, params.max_operand) for _ in range(params.batch_size)]
+            variants = [style_rng.randrange(n_styles) for _ in batch] if n_styles > 1 else None
+            targets = None
+            if params.response_style == "scratch":
+                letters = ["".join(style_rng.choice(SCRATCH_LETTERS) for _ in range(SCRATCH_LENGTH)) for _ in batch]
+                targets = [enc.tok.encode(scratch_response(p, w), add_special_tokens=False) for p, w in zip(batch, letters)]
+            ids, mask, lab = _teacher_forced_batch(enc, batch, bare, True, params.response_style, variants, targets)
+            loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if i % every == 0 or i == max_steps:
+                probs = response_probabilities(model, enc, val, bare=bare, style=params.response_style)
+                acc = sum(probs) / len(probs)
+                phase = "bare" if bare else "full"
+                history.append({"step": step, "phase": phase, "loss": round(loss.item(), 4),
+                                "expected_accuracy": round(acc, 4)})
+                log(f"  warm start step {step:4d} ({phase}) loss {loss.item():.3f} "
+                    f"expected acc {acc:.3f} [{time.perf_counter() - t0:.1f}s]")
+                if acc >= target:
+                    return i, acc
+        return max_steps, acc
+
+    bare_steps, bare_acc = run_phase(True, params.bare_target, params.bare_max_steps, params.bare_eval_every)
+    full_steps, full_acc = run_phase(False, params.target_accuracy, params.full_max_steps,
+                                     params.full_eval_every)
+    model.eval()
+    return {
+        "bare_steps": bare_steps,
+        "bare_expected_accuracy": round(bare_acc, 4),
+        "full_steps": full_steps,
+        "val_expected_accuracy": round(full_acc, 4),
+        "target_reached": bool(full_acc >= params.target_accuracy),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "history": history,
+    }
+
+
+def sampled_accuracy(model, tok, rows: list[dict], *, temperature: float = 1.0, max_new_tokens: int = 32,
+                     seed: int = 0, batch_size: int = 128) -> tuple[float, list[str]]:
+    """Sample one response per row (temperature, top_p 1, no top-k) with HF generate; (accuracy, texts).
+
+    `rows` are verl rows (prompt messages + reward_model.ground_truth). The caller's torch RNG state
+    is left untouched."""
+    import torch
+
+    eos_id, pad_id = tok.convert_tokens_to_ids(EOS_TOKEN), tok.convert_tokens_to_ids(PAD_TOKEN)
+    texts: list[str] = []
+    correct = 0.0
+    model.eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            prompts = [
+                _token_ids(tok.apply_chat_template(list(r["prompt"]), add_generation_prompt=True, tokenize=True))
+                for r in chunk
+            ]
+            width = max(map(len, prompts))
+            ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(prompts):  # left padding for generation
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=1.0,
+                top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
+            )
+            for r, seq in zip(chunk, out[:, width:]):
+                text = tok.decode(seq, skip_special_tokens=True)
+                texts.append(text)
+                correct += score_response(text, r["reward_model"]["ground_truth"])
+    return correct / max(1, len(rows)), texts
