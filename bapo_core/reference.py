@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .clip_search import ClipSearchResult, ClipSearchSpec, rho_value
+from .spec import ClipSearchResult, ClipSearchSpec, rho_value
 
 
 def rho_at(ratio, advantages, mask, spec: ClipSearchSpec, c_low: float, c_high: float, weights=None) -> float:

@@ -244,7 +244,7 @@ def test_memory_is_linear_in_tokens_plus_path_points():
 def test_arithmetic_grid_position_equals_a_binary_search(start, step, n_points, use_float32, seed, last_fraction):
     """The search buckets ratios with arithmetic + one comparison; torch.bucketize is the plain way.
     `last_fraction`: a clamped last grid value (clamp_last_step) that fraction of a step after the uniform part."""
-    from bapo_core.clip_search import _grid_position
+    from bapo_core.authors_variants import grid_position as _grid_position
 
     dtype = torch.float32 if use_float32 else torch.float64
     grid = tuple(round(start + k * step, 12) for k in range(n_points))

@@ -8,14 +8,18 @@ or compose a preset from configs/policy_loss/ (bapo_paper.yaml, bapo_authors_cod
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from dataclasses import dataclass
+import textwrap
+import typing
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from bapo_core import ClipSearchResult, ClipSearchSpec
+from bapo_core.spec import doc
 from verl.workers.config import PolicyLossConfig
 
 BAPO_LOSS_MODE = "bapo"
@@ -42,53 +46,78 @@ class UpdateScopeState:
     entropy: Optional[torch.Tensor] = None
 
 
+def _yaml(value) -> str:
+    """A default as the YAML presets write it: null, true/false, plain numbers and strings."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def config_table(config_cls: type) -> str:
+    """The markdown table of a config class's documented keys (every field with `doc` metadata), in
+    declaration order: key, paper symbol, default, meaning. The README's tables are checked against it."""
+    rows = ["| key | paper | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(config_cls):
+        if "help" in f.metadata:
+            rows.append(f"| `{f.name}` | {f.metadata['paper']} | `{_yaml(f.default)}` | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+# The search keys, declared once in bapo_core's ClipSearchSpec (defaults and docs), as verl config fields.
+_SEARCH_FIELDS = [
+    (f.name, typing.get_type_hints(ClipSearchSpec)[f.name], field(default=f.default, metadata=f.metadata))
+    for f in dataclasses.fields(ClipSearchSpec)
+]
+_PolicyLossConfigWithSearch = dataclasses.make_dataclass(
+    "_PolicyLossConfigWithSearch", _SEARCH_FIELDS, bases=(PolicyLossConfig,), namespace={"__module__": __name__}
+)
+
+
+def _imbalance_metrics_field():
+    return field(
+        default=True,
+        metadata=doc(
+            "-",
+            "log the per-step imbalance statistics (`actor/bapo/neg_token_share`, ...); the same key of "
+            "`BaselinePolicyLossConfig` (`grpo_vanilla`) logs them for baselines",
+        ),
+    )
+
+
 @dataclass
-class BAPOPolicyLossConfig(PolicyLossConfig):
+class BAPOPolicyLossConfig(_PolicyLossConfigWithSearch):
     """BAPO policy loss settings. Defaults are the paper's (Sec. 5.1).
 
-    | key | paper | default | meaning |
-    |---|---|---|---|
-    | loss_mode | - | "bapo" | registry name of the loss (must be "bapo") |
-    | rho_target | rho0 | 0.4 | target for rho, the positive share of the gradient-carrying contribution |
-    | c_low_start | a- | 0.6 | lower ratio bound at the start of every update's search |
-    | c_low_max | b- | 0.9 | largest lower bound the search may reach |
-    | c_low_step | delta2 | 0.02 | step of the lower bound: 0 (fixed bound) or >= 1e-4 |
-    | c_high_start | a+ | 1.2 | upper ratio bound at the start of every update's search |
-    | c_high_max | b+ | 3.0 | largest upper bound the search may reach |
-    | c_high_step | delta1 | 0.05 | step of the upper bound: 0 (fixed bound) or >= 1e-4 |
-    | search_order | - | "high_first" | "high_first" (Algorithm 1) or "low_first" (authors' code) |
-    | accounting | - | "gradient" | "gradient": clipped tokens count 0 in rho; "value": at their clamped value (authors' code) |
-    | rho_definition | - | "share" | "share" = P/(P+N) (paper) or "ratio" = P/(N+1e-8), inf when N <= 0 (authors' code) |
-    | clamp_last_step | - | false | false: a bound moves while start + k*step <= max (Algorithm 1); true: a last shorter step reaches the max (authors' code) |
-    | rollout_is_in_rho | - | true | rollout-IS weights (verl's rollout correction) multiply each token's contribution to rho, as they do its loss; false: rho ignores them (authors' code) |
-    | scope | - | "update" | "update": one search per optimizer step over all its micro-batches and DP ranks; "micro_batch": one search per micro-batch inside the loss (authors' code) |
-    | ratio_one_shortcut | - | true | in `scope: update`, skip the extra forward when the old log-probs provably came from the weights about to be trained (r = 1 exactly); false: always run it |
-    | dual_clip_c | - | None | None = no dual clip (paper); a value > 1 caps A<0 tokens at r = dual_clip_c (authors' code: 3.0) |
-    | imbalance_metrics | - | true | log the per-step imbalance statistics actor/bapo/{neg_token_share, neg_adv_mass_share, response_length_pos, response_length_neg} |
-
-    verl's own clip keys (actor.clip_ratio, clip_ratio_low/high, clip_ratio_c) are not used by this loss.
-    rho weighs each token as the loss aggregation does (`actor.loss_agg_mode`: 1/|y_i| under
-    seq-mean-token-mean), so it is the positive share of the gradient the update takes.
-    Every invalid setting raises ValueError naming the key, the value and the valid range.
+    The search keys (rho_target, c_low_*, c_high_*, search_order, accounting, rho_definition,
+    clamp_last_step, dual_clip_c) are bapo_core.ClipSearchSpec's fields; the keys below are the
+    recipe's. Each field's metadata documents it; `config_table(BAPOPolicyLossConfig)` renders the
+    table (appended here and in the README). verl's own clip keys (actor.clip_ratio,
+    clip_ratio_low/high, clip_ratio_c) are not used by this loss. rho weighs each token as the loss
+    aggregation does (`actor.loss_agg_mode`: 1/|y_i| under seq-mean-token-mean), so it is the
+    positive share of the gradient the update takes. Every invalid setting raises ValueError naming
+    the key, the value and the valid range.
     """
 
-    loss_mode: str = BAPO_LOSS_MODE
-    rho_target: float = 0.4
-    c_low_start: float = 0.6
-    c_low_max: float = 0.9
-    c_low_step: float = 0.02
-    c_high_start: float = 1.2
-    c_high_max: float = 3.0
-    c_high_step: float = 0.05
-    search_order: str = "high_first"
-    accounting: str = "gradient"
-    rho_definition: str = "share"
-    clamp_last_step: bool = False
-    rollout_is_in_rho: bool = True
-    scope: str = "update"
-    ratio_one_shortcut: bool = True
-    dual_clip_c: Optional[float] = None
-    imbalance_metrics: bool = True
+    loss_mode: str = field(default=BAPO_LOSS_MODE, metadata=doc("-", "registry name of the loss"))
+    rollout_is_in_rho: bool = field(
+        default=True,
+        metadata=doc(
+            "-",
+            "verl's rollout-IS weights multiply each token's contribution to rho as they multiply its loss; "
+            "`false`: rho ignores them (authors' code)",
+        ),
+    )
+    scope: str = field(
+        default="update",
+        metadata=doc(
+            "-",
+            "`update`: one search per optimizer step over all its micro-batches and DP ranks; `micro_batch`: one "
+            "search per micro-batch inside the loss (authors' code)",
+        ),
+    )
+    ratio_one_shortcut: bool = field(
+        default=True,
+        metadata=doc("-", "`scope: update` skips its extra forward when r = 1 provably (see the scopes section); `false`: always run it"),
+    )
+    imbalance_metrics: bool = _imbalance_metrics_field()
 
     def __post_init__(self):
         if self.loss_mode != BAPO_LOSS_MODE:
@@ -109,34 +138,18 @@ class BAPOPolicyLossConfig(PolicyLossConfig):
     @functools.cached_property
     def search_spec(self) -> ClipSearchSpec:
         """The bapo_core search settings (validated on construction)."""
-        return ClipSearchSpec(
-            rho_target=self.rho_target,
-            c_low_start=self.c_low_start,
-            c_low_max=self.c_low_max,
-            c_low_step=self.c_low_step,
-            c_high_start=self.c_high_start,
-            c_high_max=self.c_high_max,
-            c_high_step=self.c_high_step,
-            search_order=self.search_order,
-            accounting=self.accounting,
-            rho_definition=self.rho_definition,
-            clamp_last_step=self.clamp_last_step,
-            dual_clip_c=self.dual_clip_c,
-        )
+        return ClipSearchSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ClipSearchSpec)})
 
 
 @dataclass
 class BaselinePolicyLossConfig(PolicyLossConfig):
-    """verl's PolicyLossConfig (any verl loss, e.g. loss_mode "vanilla") plus BAPO's opt-in diagnostics.
-
-    | key | default | meaning |
-    |---|---|---|
-    | imbalance_metrics | true | log actor/bapo/{neg_token_share, neg_adv_mass_share, response_length_pos, response_length_neg} per step (paper Fig. 4 statistics), so baselines are comparable with BAPO |
+    """verl's PolicyLossConfig (any verl loss, e.g. loss_mode "vanilla") plus BAPO's opt-in diagnostics
+    (the paper's Fig. 4 statistics, so baselines are comparable with BAPO).
 
     configs/policy_loss/grpo_vanilla.yaml uses it. verl's plain PolicyLossConfig logs none of them.
     """
 
-    imbalance_metrics: bool = True
+    imbalance_metrics: bool = _imbalance_metrics_field()
 
     def __post_init__(self):
         if self.loss_mode == BAPO_LOSS_MODE:
@@ -148,6 +161,10 @@ class BaselinePolicyLossConfig(PolicyLossConfig):
             raise ValueError(f"policy_loss.imbalance_metrics={self.imbalance_metrics!r} is invalid; valid: true or false")
         if self.imbalance_metrics:
             require_actor_hook()
+
+
+for _cls in (BAPOPolicyLossConfig, BaselinePolicyLossConfig):
+    _cls.__doc__ += "\n" + textwrap.indent(config_table(_cls), "    ") + "\n"
 
 
 def require_actor_hook() -> None:
@@ -167,3 +184,7 @@ def require_actor_hook() -> None:
             "Make that class subclass recipe.bapo.worker.BAPOTrainingWorker, or run without the other plugin; "
             "without entry points set VERL_USE_EXTERNAL_MODULES=recipe.bapo.plugin."
         )
+
+
+if __name__ == "__main__":  # the README's table: python -m recipe.bapo.config
+    print(config_table(BAPOPolicyLossConfig))
