@@ -243,8 +243,11 @@ def test_workers_exit_when_parent_dies():
     assert not any(_alive(p) for p in pids)
 
 
-def test_threads_match_sequential():
+def test_threads_match_sequential(monkeypatch):
     """8 threads, mixed fast-path and math-verify cases: same results as one by one."""
+    # thread safety, not speed: on a loaded machine (make test runs two workers) 8 queued math-verify calls
+    # could pass the 3 s default timeout, which scores incorrect
+    monkeypatch.setenv("BAPO_REWARD_MV_TIMEOUT", "120")
     work = [(g, r) for g, r, _ in CASES] * 2
     sequential = [compute_score("aime", r, g) for g, r in work]
     with ThreadPoolExecutor(max_workers=8) as ex:
