@@ -55,14 +55,15 @@ def grid_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.dev
 def grid_count(r: torch.Tensor, grid: tuple[float, ...], step: float, strict: bool) -> torch.Tensor:
     """How many values of the uniform grid (grid[k] = grid[0] + k * step) lie below each ratio.
 
-    r: (T,) finite ratios. Returns int64 (T,) #{k: grid[k] < r_t} if strict, else #{k: grid[k] <= r_t},
-    in [0, len(grid)]: what torch.bucketize(r, grid, right=not strict) returns, at a fraction of its
-    cost on CPU (a binary search per token). The nearest grid index comes from arithmetic (off by far
-    less than half a step: steps >= MIN_STEP, values <= MAX_GRID_SCALE steps); one comparison with
-    that grid value, in r's dtype as the loss compares its bounds, settles the count.
+    r: (T,) finite ratios. Returns (T,) #{k: grid[k] < r_t} if strict, else #{k: grid[k] <= r_t}, in
+    [0, len(grid)], as r's dtype (int64 arithmetic costs ~30% more on CPU): what torch.bucketize(r, grid,
+    right=not strict) returns, at a fraction of its cost (a binary search per token). The nearest grid
+    index comes from arithmetic (off by far less than half a step: steps >= MIN_STEP, values <=
+    MAX_GRID_SCALE steps); one comparison with that grid value, in r's dtype as the loss compares its
+    bounds, settles the count.
     """
-    k = (r - grid[0]).mul_(1.0 / step if step > 0 else 0.0).round_().clamp_(0, len(grid) - 1).long()  # nearest index
-    nearest = grid_tensor(grid, r.dtype, r.device).index_select(0, k)
+    k = (r - grid[0]).mul_(1.0 / step if step > 0 else 0.0).round_().clamp_(0, len(grid) - 1)  # nearest grid index
+    nearest = grid_tensor(grid, r.dtype, r.device).index_select(0, k.long())
     return k.add_(nearest < r if strict else nearest <= r)
 
 
@@ -112,7 +113,7 @@ def paper_path_sums(
     low_steps = grid_count(r, grid.c_low_grid, spec.c_low_step, strict=False)  # (T,) in [0, L]
     # One bucket per token: a positive at its first c_high step (0..H), a negative after those at its
     # number of c_low steps (H+1 .. H+1+L); each bucket sums r_t |w_t A_t|.
-    bucket = torch.where(wa > 0, first_high_step, low_steps + (H + 1))
+    bucket = torch.where(wa > 0, first_high_step, low_steps.add_(H + 1)).long()
     term = wa.abs_().mul_(r.to(torch.float64))  # (T,) r_t |w_t A_t|
     sums = torch.zeros(H + 1 + L + 1, dtype=torch.float64, device=r.device).index_add_(0, bucket, term)
     p_steps, n_steps = sums[: H + 1], sums[H + 1 :]
