@@ -54,9 +54,11 @@ REGIMES = sorted(path.stem for path in (ROOT / "configs" / "regime").glob("*.yam
 @pytest.mark.parametrize("regime", REGIMES)
 def test_every_regime_gives_configs_verl_accepts_at_the_study_levels(regime):
     """Each documented regime, at the studies' staleness levels, passes verl's driver-side validate_config
-    (batch sizes against the ranks, mini-batch against train batch) and trains the level's updates per rollout batch."""
+    (batch sizes against the ranks, mini-batch against train batch) and the dry run's micro-batch check (which
+    verl's workers enforce only after Ray started), and trains the level's updates per rollout batch."""
     from verl.utils.config import validate_config
 
+    from recipe.dry_run.checks import check_micro_batches, geometry
     from recipe.sweep.launch import compose
 
     extra = [f"+regime={regime}"]
@@ -64,6 +66,7 @@ def test_every_regime_gives_configs_verl_accepts_at_the_study_levels(regime):
     for spec in expand(["bapo", "grpo"], ["1", "4e2", "8e4"], [0], batch, {"": extra}):
         config = compose("cpu_tiny", list(spec.overrides))
         validate_config(config, use_reference_policy=False, use_critic=False)
+        assert check_micro_batches(config, geometry(config, use_ref=False)) == []  # verl's worker would refuse these
         actor = config.actor_rollout_ref.actor
         assert actor.ppo_epochs * config.data.train_batch_size // actor.ppo_mini_batch_size == int(spec.staleness.split("e")[0])
 
