@@ -263,8 +263,8 @@ def test_dry_run_script_end_to_end_subprocess(tmp):
     proc = subprocess.run(["bash", str(ROOT / "run_scripts/r1_32b.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "actor DP = GPUs / sp = 32 / 4 = 8" in proc.stdout and "= 8 optimizer updates per rollout batch" in proc.stdout
-    # the README shows this output for the same script: it must still be what the dry run prints
-    readme = (ROOT / "README.md").read_text()
+    # docs/dry_run.md shows this output for the same script: it must still be what the dry run prints
+    readme = (ROOT / "docs" / "dry_run.md").read_text()
     shown = re.search(r"```text\n\$ DRY_RUN=1 LENGTH=32k METHOD=bapo .*?run_scripts/r1_32b.sh\n(.*?)```", readme, re.S)
     printed = [line for line in proc.stdout.splitlines() if not line.startswith("[validate_config]")]
     assert shown and shown.group(1).splitlines() == printed
