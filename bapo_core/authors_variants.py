@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .clip_search import flat_ratio, grid_count, grid_tensor, weighted_advantages
+from .clip_search import grid_count, grid_tensor, token_terms
 from .spec import ClipPath, ClipSearchSpec
 
 
@@ -44,10 +44,7 @@ def variant_path_sums(
     """`paper_path_sums` for any spec: float64 (H + L + 1,) [P per c_high | N per c_low | signal tokens]. No host sync."""
     path = ClipPath.from_spec(spec)
     H, L = len(path.c_high_grid), len(path.c_low_grid)
-    r = flat_ratio(ratio)
-    wa = weighted_advantages(r, advantages, mask, weights)
-    num_signal = torch.count_nonzero(wa).to(torch.float64).reshape(1)
-    r = torch.nan_to_num(r, nan=1.0, posinf=1.0, neginf=1.0)
+    r, wa, num_signal = token_terms(ratio, advantages, mask, weights)
 
     first_high_step = grid_position(r, path.c_high_grid, spec.c_high_step, True, path.high_off_grid_last)
     low_steps = grid_position(r, path.c_low_grid, spec.c_low_step, False, path.low_off_grid_last)

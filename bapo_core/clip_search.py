@@ -37,7 +37,7 @@ __all__ = [
     "search_clip_bounds",
     "search_dtype",
     "select_bounds",
-    "weighted_advantages",
+    "token_terms",
 ]
 
 
@@ -67,23 +67,25 @@ def grid_count(r: torch.Tensor, grid: tuple[float, ...], step: float, strict: bo
     return k.add_(nearest < r if strict else nearest <= r)
 
 
-def weighted_advantages(
-    r: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, weights: Optional[torch.Tensor]
-) -> torch.Tensor:
-    """(T,) float64 w_t * A_t: 0 for masked tokens and where the ratio, advantage or weight is not finite."""
+def token_terms(
+    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, weights: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-token inputs of Eq. 8, flattened to T tokens.
+
+    Returns r (T,): the ratio in its own dtype (float32 or float64, as the loss compares it), set to 1
+    where it is not finite; wa (T,) float64: w_t * A_t, 0 for masked tokens and where the ratio,
+    advantage or weight is not finite; num_signal (1,) float64: the tokens with w_t * A_t != 0.
+    """
+    r = ratio.detach().reshape(-1)
+    if r.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"path_contributions: ratio dtype {r.dtype}; promote it with bapo_core.search_dtype (float32 or float64)")
     counts = mask.reshape(-1).bool() & (r.abs() < math.inf)  # a finite ratio (cheaper than torch.isfinite on CPU)
     wa = torch.where(counts, advantages.detach().reshape(-1), 0.0).to(torch.float64)
     if weights is not None:
         wa.mul_(weights.detach().reshape(-1).to(torch.float64))
-    return wa.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def flat_ratio(ratio: torch.Tensor) -> torch.Tensor:
-    """(T,) the ratio, detached; float32 or float64 (the dtype the loss compares it in)."""
-    r = ratio.detach().reshape(-1)
-    if r.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"path_contributions: ratio dtype {r.dtype}; promote it with bapo_core.search_dtype (float32 or float64)")
-    return r
+    wa.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    num_signal = torch.count_nonzero(wa).to(torch.float64).reshape(1)
+    return torch.nan_to_num(r, nan=1.0, posinf=1.0, neginf=1.0), wa, num_signal
 
 
 def paper_path_sums(
@@ -102,10 +104,7 @@ def paper_path_sums(
     """
     grid = ClipPath.from_spec(spec)
     H, L = len(grid.c_high_grid), len(grid.c_low_grid)
-    r = flat_ratio(ratio)  # (T,) r_t
-    wa = weighted_advantages(r, advantages, mask, weights)  # (T,) w_t A_t
-    num_signal = torch.count_nonzero(wa).to(torch.float64).reshape(1)
-    r = torch.nan_to_num(r, nan=1.0, posinf=1.0, neginf=1.0)  # tokens that do not count (wa = 0) may sit anywhere
+    r, wa, num_signal = token_terms(ratio, advantages, mask, weights)  # (T,) r_t, (T,) w_t A_t, (1,)
 
     # A positive carries gradient while r_t <= c_high_i, i.e. from step i = #{c_high < r_t} on (H: never).
     first_high_step = grid_count(r, grid.c_high_grid, spec.c_high_step, strict=True)  # (T,) in [0, H]
