@@ -28,6 +28,7 @@ from bapo_core.reference import search_clip_bounds_loop  # noqa: E402
 from benchmarks.loss_batches import fwd_bwd_ms, interleaved_ms, sync, walking_batch  # noqa: E402
 from benchmarks.probes import HostSyncCounter, PeakTensorMemory  # noqa: E402
 from recipe.bapo.config import BAPOPolicyLossConfig  # noqa: E402
+from recipe.bapo.optimizer_step import OptimizerStep, running  # noqa: E402
 from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, get_policy_loss_fn  # noqa: E402
 from verl.workers.config import ActorConfig  # noqa: E402
 
@@ -51,11 +52,16 @@ def main():
         batch = walking_batch(bsz, length, device, spec)
         old, log_prob, adv, mask = batch
         ratio = (log_prob - old).exp()
-        given.policy_loss.update_state.bounds = search_clip_bounds(ratio, adv, mask, spec)
+        step = OptimizerStep(index=0, bounds=search_clip_bounds(ratio, adv, mask, spec), dp_group=None)  # as the actor hook gives it
+
+        def given_loss(*b, step=step):
+            with running(step):
+                return bapo(*b, "token-mean", given)
+
         losses = {
             "vanilla": lambda *b: compute_policy_loss_vanilla(*b, "token-mean", config),
             "bapo": lambda *b: bapo(*b, "token-mean", config),
-            "given": lambda *b: bapo(*b, "token-mean", given),
+            "given": given_loss,
         }
         for name in ("bapo", "vanilla"):
             fwd_bwd_ms(losses[name], batch, 2, device)  # warm-up

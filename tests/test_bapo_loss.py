@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 
 import verl  # noqa: F401  (loads the bapo plugin through the verl.plugins entry point)
 from recipe.bapo.config import BAPOPolicyLossConfig
+from recipe.bapo.optimizer_step import OptimizerStep, running
 from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, get_policy_loss_fn
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import ActorConfig, PolicyLossConfig
@@ -99,19 +100,21 @@ def test_micro_batch_split_gives_the_same_total_gradient(agg):
     config = actor_config()
     bapo_cfg = config.policy_loss
     ratio = (log_prob - old).detach().exp()
-    bapo_cfg.update_state.bounds = search_clip_bounds(ratio, adv, mask, bapo_cfg.search_spec, weights=weights)
-    assert bapo_cfg.update_state.bounds.steps > 0
+    bounds = search_clip_bounds(ratio, adv, mask, bapo_cfg.search_spec, weights=weights)  # what the actor hook searches
+    assert bounds.steps > 0
     config.global_batch_info.update(
         dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=mask.shape[0], loss_scale_factor=None
     )
-    full, _ = bapo_loss(old, log_prob, adv, mask, agg, config, weights)
+    with running(OptimizerStep(index=0, bounds=bounds, dp_group=None)):
+        full, _ = bapo_loss(old, log_prob, adv, mask, agg, config, weights)
     (grad_full,) = torch.autograd.grad(full, log_prob)
     total = 0
     for part in torch.arange(8).split(3):
-        loss, metrics = bapo_loss(old[part], log_prob[part], adv[part], mask[part], agg, config, weights[part])
+        with running(OptimizerStep(index=0, bounds=bounds, dp_group=None)):
+            loss, metrics = bapo_loss(old[part], log_prob[part], adv[part], mask[part], agg, config, weights[part])
         total = total + loss
         assert metrics["actor/bapo/bounds_from_update"] == 1.0
-        assert metrics["actor/bapo/c_high"] == bapo_cfg.update_state.bounds.c_high
+        assert metrics["actor/bapo/c_high"] == bounds.c_high
     (grad_split,) = torch.autograd.grad(total, log_prob)
     torch.testing.assert_close(total, full, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_split, grad_full, rtol=1e-12, atol=1e-12)
@@ -178,13 +181,12 @@ def test_entropy_clip_rule_split_on_a_hand_example():
     entropy = -torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.9, 0.1]], dtype=torch.float64))
     fixed = BAPOPolicyLossConfig(c_high_start=1.2, c_high_max=1.2, c_high_step=0.0, c_low_start=0.8, c_low_max=0.8, c_low_step=0.0, scope="micro_batch")
     mask = torch.ones_like(adv, dtype=torch.bool)
-    fixed.update_state.entropy = entropy  # what the actor hook hands over from verl's gradient pass
-    _, metrics = bapo_loss(old, log_prob, adv, mask, "token-mean", actor_config(fixed))
+    with running(OptimizerStep(index=0, bounds=None, dp_group=None)) as step, step.loss_call(entropy):
+        _, metrics = bapo_loss(old, log_prob, adv, mask, "token-mean", actor_config(fixed))  # entropy from the actor hook
     # raising: the p=0.05 positive, the p=0.9 negative, the low positive at 4, the high negative at 5
     assert metrics["actor/bapo/clipfrac_entropy_raising"] == pytest.approx(4 / 6)
     assert metrics["actor/bapo/clipfrac_entropy_lowering"] == pytest.approx(2 / 6)
     assert not [k for k in metrics if k.endswith("_proxy")]
-    fixed.update_state.entropy = None
     _, proxy = bapo_loss(old, log_prob, adv, mask, "token-mean", actor_config(fixed))
     assert proxy["actor/bapo/clipfrac_entropy_raising_proxy"] == pytest.approx(3 / 6)  # mean log-prob: p=0.3 is "high"
     assert "actor/bapo/clipfrac_entropy_raising" not in proxy

@@ -51,7 +51,6 @@ INVALID = [
     ({"c_high_max": 200.0, "c_high_step": 1e-4, "c_high_start": 199.0}, "c_high_step", "<= 1e+06"),
     ({"clamp_last_step": "yes"}, "clamp_last_step", "true or false"),
     ({"rollout_is_in_rho": 1}, "rollout_is_in_rho", "true or false"),
-    ({"ratio_one_shortcut": None}, "ratio_one_shortcut", "true or false"),
     ({"imbalance_metrics": "no"}, "imbalance_metrics", "true or false"),
 ]
 

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 import verl  # noqa: F401  (plugin: registers the loss and installs the worker hook)
 from bapo_core import search_clip_bounds
+from recipe.bapo import optimizer_step
 from recipe.bapo.config import BaselinePolicyLossConfig, BAPOPolicyLossConfig
 from recipe.bapo.worker import BAPOTrainingWorker
 from verl.utils import tensordict_utils as tu
@@ -37,10 +38,11 @@ class FakeEngine:
     `shape_noise` adds a term that depends on the micro-batch's shape, as GEMM rounding does under bf16,
     so a probe partitioned differently from the gradient pass gives different ratios."""
 
-    def __init__(self, has_outputs=True, lr=2.0, shape_noise=0.0, vpp_group=None, pipeline_peer=None):
+    def __init__(self, has_outputs=True, lr=2.0, shape_noise=0.0, vpp_group=None, pipeline_peer=None, entropy=False):
         self.module = torch.nn.Module()
         self.module.theta = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
         self.has_outputs, self.lr, self.shape_noise = has_outputs, lr, shape_noise
+        self.entropy = entropy  # the gradient pass's model output carries per-position entropy (calculate_entropy)
         # Megatron under virtual pipelining: the micro-batch count is rounded up to a multiple of the group
         # (dynamic bsz) and asserted (verl/workers/engine/megatron/transformer_impl.py:873-918)
         self.vpp_group = vpp_group
@@ -134,7 +136,10 @@ class FakeEngine:
             return {"loss": [], "metrics": {}, "model_output": {}}
         for micro in micro_batches:
             set_global_batch_info(micro, batch_num_tokens=int(data["response_mask"].sum()), global_batch_size=data.batch_size[0])
-            loss, m = loss_function(model_output={"log_probs": model_log_probs(self.log_prob(micro), micro["response_mask"])}, data=micro)
+            output = {"log_probs": model_log_probs(self.log_prob(micro), micro["response_mask"])}
+            if self.entropy:
+                output["entropy"] = model_log_probs(-micro["fake_anchor"], micro["response_mask"])
+            loss, m = loss_function(model_output=output, data=micro)
             loss.backward()
             metrics.append({k: v.aggregate() if hasattr(v, "aggregate") else v for k, v in m.items()})
         with torch.no_grad():
@@ -216,19 +221,15 @@ def test_every_micro_batch_of_a_step_uses_the_bounds_of_the_whole_mini_batch():
     spec = worker._bapo.search_spec
     moved = 0
     for step, (metrics, mini, theta) in enumerate(zip(engine.steps, minis, thetas)):
-        prefix = "actor/bapo/ratio_one/" if step == 0 else "actor/bapo/"  # r = 1 updates clip nothing
-        assert (step == 0) != ("actor/bapo/c_low" in metrics[0])
-        bounds = {(m[prefix + "c_low"], m[prefix + "c_high"]) for m in metrics}
+        bounds = {(m["actor/bapo/c_low"], m["actor/bapo/c_high"]) for m in metrics}
         assert len(bounds) == 1, (step, bounds)  # identical across the step's micro-batches
         expected = direct_search(theta, mini, spec)
         assert bounds == {(expected.c_low, expected.c_high)}, (step, bounds, expected)
         assert all(m["actor/bapo/bounds_from_update"] == 1.0 for m in metrics)
         moved += expected.steps > 0
     assert moved >= 2  # the data is stale enough for the bounds to move
-    # the first update had r == 1 by construction: no extra forward; every later one needed one
-    assert [m[0]["actor/bapo/ratio_assumed_one"] for m in engine.steps] == [1.0, 0.0, 0.0, 0.0]
-    assert engine.infer_calls == 1 + 3  # the old-log-prob pass + one forward per later update
-    assert worker._bapo.update_state.bounds is None  # cleared after every step
+    assert engine.infer_calls == 1 + 4  # the old-log-prob pass + one probe forward per update
+    assert not optimizer_step.is_running()  # the step's bounds are gone after it
 
 
 def test_the_probe_leaves_out_per_sample_bookkeeping_only():
@@ -266,7 +267,6 @@ def test_bypass_mode_first_update_runs_the_forward():
     data["old_log_probs"] = data["fake_anchor"] + 0.3 * torch.randn_like(data["fake_anchor"])  # rollout policy
     run_step(worker, data, mini_batch_size=8)
     assert engine.infer_calls == 1
-    assert engine.steps[0][0]["actor/bapo/ratio_assumed_one"] == 0.0
     expected = direct_search(torch.tensor(0.0, dtype=torch.float64), data, worker._bapo.search_spec)
     assert {(m["actor/bapo/c_low"], m["actor/bapo/c_high"]) for m in engine.steps[0]} == {(expected.c_low, expected.c_high)}
 
@@ -281,16 +281,17 @@ def test_hook_changes_nothing_for_other_losses_and_micro_batch_scope(policy_loss
     assert engine.infer_calls == 0  # no extra forward
     if isinstance(policy_loss, BAPOPolicyLossConfig):
         assert all(m["actor/bapo/bounds_from_update"] == 0.0 for step in engine.steps for m in step)
-        assert policy_loss.update_state.bounds is None
+    assert not optimizer_step.is_running()
 
 
 def update_bounds(metrics):
-    return {(m.get("actor/bapo/c_low", m.get("actor/bapo/ratio_one/c_low")), m.get("actor/bapo/c_high", m.get("actor/bapo/ratio_one/c_high"))) for m in metrics}
+    return {(m["actor/bapo/c_low"], m["actor/bapo/c_high"]) for m in metrics}
 
 
 def test_restored_old_weights_are_not_mistaken_for_the_current_policy():
     """verl's separate_async / fully_async trainers (decoupled mode): save the current weights, restore
-    pi_old, compute_log_prob, restore the current weights -- by copying tensors, unseen by the worker."""
+    pi_old, compute_log_prob, restore the current weights -- by copying tensors, unseen by the worker.
+    The probe sees the current weights."""
     engine = FakeEngine()
     worker = make_worker(BAPOPolicyLossConfig(), engine)
     first, second = rl_batch(seed=10), rl_batch(seed=11)
@@ -304,7 +305,6 @@ def test_restored_old_weights_are_not_mistaken_for_the_current_policy():
     engine.theta.data.copy_(pi_current)  # restore_model_from_cpu(current)
     run_step(worker, second, mini_batch_size=8)
     (update,) = engine.steps[1:]
-    assert update[0]["actor/bapo/ratio_assumed_one"] == 0.0
     expected = direct_search(pi_current, second, worker._bapo.search_spec)
     assert expected.steps > 0  # r != 1: the search has something to do
     assert update_bounds(update) == {(expected.c_low, expected.c_high)}
@@ -312,7 +312,7 @@ def test_restored_old_weights_are_not_mistaken_for_the_current_policy():
 
 def test_an_adapter_disabled_pass_does_not_count_as_the_current_policy():
     """LoRA with the reference in the actor: compute_ref_log_prob runs the actor with no_lora_adapter=True.
-    In bypass mode (old_log_probs = the rollout's) the next update must still run the forward."""
+    In bypass mode (old_log_probs = the rollout's) the next update's probe has the adapter on."""
     engine = FakeEngine()
     worker = make_worker(BAPOPolicyLossConfig(), engine)
     data = rl_batch(seed=12)
@@ -321,18 +321,48 @@ def test_an_adapter_disabled_pass_does_not_count_as_the_current_policy():
     compute_old_log_probs(worker, reference, no_lora_adapter=True)  # adapter off: theta does not act
     data["old_log_probs"] = reference["old_log_probs"]  # the rollout's log-probs (here: = the base model's)
     run_step(worker, data, mini_batch_size=8)
-    assert engine.steps[0][0]["actor/bapo/ratio_assumed_one"] == 0.0
     expected = direct_search(torch.tensor(0.3, dtype=torch.float64), data, worker._bapo.search_spec)
     assert update_bounds(engine.steps[0]) == {(expected.c_low, expected.c_high)}
 
 
-def test_shortcut_can_be_turned_off():
+def test_the_loss_reads_the_step_from_the_channel_and_only_inside_it():
+    """recipe/bapo/optimizer_step.py: the worker publishes each optimizer step (bounds, DP group, entropy of the
+    running loss call) for the duration of verl's train_batch; reading it outside a step is a clear error,
+    a step inside a step is refused, and an error inside a step still clears it."""
+    with pytest.raises(optimizer_step.NoStepInProgress, match="outside BAPOTrainingWorker.train_batch"):
+        optimizer_step.current()
+    step = optimizer_step.OptimizerStep(index=3, bounds=None, dp_group=None)
+    with pytest.raises(ValueError, match="inside"):
+        with optimizer_step.running(step):
+            assert optimizer_step.current() is step
+            with pytest.raises(RuntimeError, match="optimizer step 3 started while step 3"):
+                with optimizer_step.running(step):
+                    pass
+            with step.loss_call(torch.ones(2, 3)):
+                assert step.entropy is not None and step.loss_calls == 0
+            assert step.entropy is None and step.loss_calls == 1
+            raise ValueError("inside")
+    assert not optimizer_step.is_running()
+
+    # verl running the actor's bapo loss outside train_batch (e.g. infer_batch with compute_loss=True)
     engine = FakeEngine()
-    worker = make_worker(BAPOPolicyLossConfig(ratio_one_shortcut=False), engine)
+    worker = make_worker(BAPOPolicyLossConfig(), engine)
+    micro = rl_batch(seed=13)
+    with pytest.raises(optimizer_step.NoStepInProgress, match="no optimizer step in progress"):
+        worker.loss_fn(model_output={"log_probs": model_log_probs(engine.log_prob(micro), micro["response_mask"])}, data=micro)
+
+
+def test_the_gradient_pass_entropy_reaches_the_loss():
+    """With verl's per-position entropy in the gradient pass, each micro-batch's loss logs the exact
+    Entropy-Clip split, not its proxy."""
+    engine = FakeEngine(entropy=True)
+    worker = make_worker(BAPOPolicyLossConfig(), engine)
     data = rl_batch(seed=13)
-    compute_old_log_probs(worker, data)
-    run_step(worker, data, mini_batch_size=8)
-    assert engine.steps[0][0]["actor/bapo/ratio_assumed_one"] == 0.0 and engine.infer_calls == 2
+    data["old_log_probs"] = data["fake_anchor"] - 0.5 * data["fake_feature"]
+    run_step(worker, data, mini_batch_size=4)
+    metrics = [m for step in engine.steps for m in step]
+    assert len(metrics) == 4
+    assert all("actor/bapo/clipfrac_entropy_raising" in m and "actor/bapo/clipfrac_entropy_raising_proxy" not in m for m in metrics)
 
 
 @pytest.mark.parametrize("dynamic_bsz", [False, True], ids=["fixed", "dynamic"])
@@ -438,8 +468,7 @@ def _pipeline_worker(rank, init_file, out_dir):
         compute = data.copy()
         tu.assign_non_tensor(compute, compute_loss=False, global_token_num=None)
         worker.infer_batch(compute)  # a log-prob pass: every stage runs it, only the last has outputs
-        # bypass mode: old_log_probs are the rollout's. Only the last stage can see that they are not the
-        # pass's output (rank 0 sees unchanged weights), yet both must refuse the shortcut.
+        # bypass mode: old_log_probs are the rollout's; both stages run the probe forward
         data["old_log_probs"] = data["fake_anchor"] - 0.4 * data["fake_feature"]
         result = worker._search_update_bounds(data, worker._bapo)
         torch.save({"result": result, "infer_calls": engine.infer_calls}, os.path.join(out_dir, f"{rank}.pt"))
@@ -448,9 +477,9 @@ def _pipeline_worker(rank, init_file, out_dir):
 
 
 @pytest.mark.slow
-def test_pipeline_stage_without_outputs_gets_no_bounds_and_ranks_agree_on_the_shortcut(tmp_path):
+def test_pipeline_stage_without_outputs_gets_no_bounds(tmp_path):
     """Real gloo group: rank 0 (no outputs) must not join the last stage's search all-reduce, and both
-    ranks must take the same shortcut decision (their forwards are collectives under Megatron)."""
+    ranks run the probe forward (their forwards are collectives under Megatron)."""
     context = mp.spawn(_pipeline_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 120  # a rank stuck in a collective the other never joins would hang
     while not context.join(timeout=1):

@@ -62,6 +62,7 @@ def source(target, lines, used_in):
 # where the project uses them (the failure message names it)
 WORKER = "recipe/bapo/worker.py (BAPOTrainingWorker, install)"
 LOSS = "recipe/bapo/loss.py (compute_policy_loss_bapo, registered as 'bapo')"
+CHANNEL = "recipe/bapo/optimizer_step.py (why the bounds reach the loss through a channel, not an argument)"
 ADV = "recipe/bapo/advantage.py (compute_bapo_outcome_advantage, registered as 'bapo')"
 MAIN = "recipe/bapo/main_bapo.py (run, project_checks) and recipe/dry_run/core.py"
 TRAINER = "recipe/partial/trainer.py (PPOTrainerColocateBudget)"
@@ -90,17 +91,11 @@ PINS = [
         "self.loss_fn = partial(ppo_loss, config=actor_config)",  # actor_config_of_loss_fn reads .keywords["config"]
         "self.actor = self.actor_worker_cls(config=actor_training_config)",
         "self.actor.set_loss_fn(self.loss_fn)",
-    ], WORKER),
+    ], WORKER + "; " + CHANNEL),
     sig(f"{ENGINE_WORKERS}:TrainingWorker.set_loss_fn", "(self, loss_fn)", WORKER),
-    sig(f"{ENGINE_WORKERS}:TrainingWorker.infer_batch", "(self, data)", WORKER),
     sig(f"{ENGINE_WORKERS}:TrainingWorker.train_mini_batch", "(self, data)", WORKER),
     sig(f"{ENGINE_WORKERS}:TrainingWorker.train_batch", "(self, data)", WORKER),
-    sig(f"{ENGINE_WORKERS}:TrainingWorker.load_checkpoint", "(self, local_path, hdfs_path=None, del_local_after_load=False)", WORKER),
     assigns(f"{ENGINE_WORKERS}:TrainingWorker", ["engine", "engine_config", "model_config"], WORKER),
-    source(f"{ENGINE_WORKERS}:TrainingWorker.infer_batch", [
-        'tu.get(data, key="compute_loss", default=True)',
-        'tu.pop(data, key="no_lora_adapter", default=False)',  # popped: the hook reads it before calling verl's
-    ], WORKER),
     source(f"{ENGINE_WORKERS}:TrainingWorker.train_batch", [
         'tu.get(data, key="disable_auto_offload", default=False)',
         # BAPOTrainingWorker.probe_batch gives the probe forward exactly these keys
@@ -113,10 +108,8 @@ PINS = [
     sig("verl.workers.engine.base:BaseEngine.infer_batch", "(self, data, loss_function=None)", WORKER),
     sig("verl.workers.engine.base:BaseEngine.train_mode", "(self, **kwargs)", WORKER),
     sig("verl.workers.engine.base:BaseEngine.get_data_parallel_group", "(self)", WORKER),
-    sig("verl.workers.engine.base:BaseEngine.is_mp_src_rank_with_outputs", "(self)", WORKER),
-    assigns("verl.workers.engine.fsdp.transformer_impl:FSDPEngine", ["module"], WORKER + " weights_fingerprint"),
     source("verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead.forward_step", [
-        # _capture_entropy's wrapper reads kwargs["model_output"] and kwargs["data"]
+        # _in_loss_call's wrapper reads kwargs["model_output"] and kwargs["data"]
         "loss_function(model_output=model_output, data=micro_batch, dp_group=self.get_data_parallel_group())",
     ], WORKER),
     fields("verl.workers.config.engine:FSDPEngineConfig",
@@ -131,7 +124,7 @@ PINS = [
     source("verl.workers.utils.losses:ppo_loss", [
         "pg_loss, pg_metrics = policy_loss_fn(old_log_prob=old_log_prob, log_prob=log_prob, advantages=advantages,"
         "response_mask=response_mask, loss_agg_mode=loss_agg_mode, config=config, rollout_is_weights=rollout_is_weights,)",
-    ], LOSS),
+    ], LOSS + "; " + CHANNEL),
     sig("verl.trainer.ppo.core_algos:register_policy_loss", "(name)", LOSS),
     sig("verl.trainer.ppo.core_algos:get_policy_loss_fn", "(name)", "benchmarks/bench_loss.py"),
     sig("verl.trainer.ppo.core_algos:compute_policy_loss_vanilla",

@@ -13,37 +13,13 @@ import functools
 import textwrap
 import typing
 from dataclasses import dataclass, field
-from typing import Optional
 
-import torch
-import torch.distributed as dist
-
-from bapo_core import ClipSearchResult, ClipSearchSpec
+from bapo_core import ClipSearchSpec
 from bapo_core.spec import doc
 from verl.workers.config import PolicyLossConfig
 
 BAPO_LOSS_MODE = "bapo"
 SCOPES = ("update", "micro_batch")
-
-
-@dataclass
-class UpdateScopeState:
-    """Runtime slot the update-scope hook (recipe.bapo.worker) fills around one optimizer step.
-
-    bounds: the bounds searched over the whole mini-batch (all micro-batches, all DP ranks) of the
-        step being taken; None outside a step. ratio_assumed_one: that search used r = 1 (the old
-        log-probs came from the current weights), skipping the extra forward. dp_group: the
-        data-parallel group collectives use (set when the actor's hook is in place). entropy:
-        (bsz, resp_len) per-position entropy of the current micro-batch when verl computed it in
-        the gradient pass (actor.calculate_entropy or entropy_coeff != 0), else None.
-    """
-
-    bounds: Optional[ClipSearchResult] = None
-    ratio_assumed_one: bool = False
-    update_index: int = -1  # optimizer steps this worker has taken before the current one
-    micro_batch_index: int = 0  # loss calls so far in the current step
-    dp_group: Optional[dist.ProcessGroup] = None
-    entropy: Optional[torch.Tensor] = None
 
 
 def _yaml(value) -> str:
@@ -113,10 +89,6 @@ class BAPOPolicyLossConfig(_PolicyLossConfigWithSearch):
             "search per micro-batch inside the loss (authors' code)",
         ),
     )
-    ratio_one_shortcut: bool = field(
-        default=True,
-        metadata=doc("-", "`scope: update` skips its extra forward when r = 1 provably (see the scopes section); `false`: always run it"),
-    )
     imbalance_metrics: bool = _imbalance_metrics_field()
 
     def __post_init__(self):
@@ -127,13 +99,11 @@ class BAPOPolicyLossConfig(_PolicyLossConfigWithSearch):
             )
         if self.scope not in SCOPES:
             raise ValueError(f"BAPO config: scope={self.scope!r} is invalid; valid: one of {list(SCOPES)}")
-        for key in ("rollout_is_in_rho", "ratio_one_shortcut", "imbalance_metrics"):
+        for key in ("rollout_is_in_rho", "imbalance_metrics"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"BAPO config: {key}={getattr(self, key)!r} is invalid; valid: true or false")
         self.search_spec  # validates every search key
         require_actor_hook()
-        # runtime state, not a config field (never in YAML): filled by the update-scope hook
-        self.update_state = UpdateScopeState()
 
     @functools.cached_property
     def search_spec(self) -> ClipSearchSpec:

@@ -2,8 +2,9 @@
 
 verl calls it from `verl.workers.utils.losses.ppo_loss` once per micro-batch with padded
 (bsz, resp_len) tensors. Bounds come from the update-scope hook when it has searched the whole
-optimizer step (`scope: update`, recipe/bapo/worker.py); otherwise they are searched here over this
-micro-batch and the data-parallel group (`scope: micro_batch`, as the authors' code does).
+optimizer step (`scope: update`, recipe/bapo/worker.py), read from the step in progress
+(recipe/bapo/optimizer_step.py); otherwise they are searched here over this micro-batch and the
+data-parallel group (`scope: micro_batch`, as the authors' code does).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from bapo_core import (
 )
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
-from . import trace
+from . import optimizer_step, trace
 from .config import BAPO_LOSS_MODE, BAPOPolicyLossConfig
+from .optimizer_step import OptimizerStep
 
 logger = logging.getLogger(__name__)
 RHO_LOG_CAP = 1e6  # rho_definition="ratio" is inf when N = 0; metrics must stay finite (JSON, wandb, means)
@@ -44,20 +46,20 @@ def bapo_config_of(actor_config: Any) -> BAPOPolicyLossConfig:
     return policy_loss
 
 
-def dp_group_of(bapo: BAPOPolicyLossConfig) -> Optional[dist.ProcessGroup]:
-    """The group searches reduce over: the hook's DP group; outside verl's actor (the loss called
-    directly, e.g. in a script or test) the default group, else none. Inside verl's actor the hook
-    is always there: BAPO configs refuse to build without it (config.require_actor_hook)."""
-    if bapo.update_state.dp_group is not None:
-        return bapo.update_state.dp_group
+def dp_group_of(step: Optional[OptimizerStep]) -> Optional[dist.ProcessGroup]:
+    """The group searches reduce over: the actor's DP group (the step in progress); outside verl's actor
+    (the loss called directly, e.g. in a script or test) the default group, else none. Inside verl's actor
+    the hook is always there: BAPO configs refuse to build without it (config.require_actor_hook)."""
+    if step is not None and step.dp_group is not None:
+        return step.dp_group
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
 
-def _update_bounds(bapo: BAPOPolicyLossConfig) -> Optional[ClipSearchResult]:
+def _update_bounds(bapo: BAPOPolicyLossConfig, step: Optional[OptimizerStep]) -> Optional[ClipSearchResult]:
     global _warned_missing_update_bounds
     if bapo.scope != "update":
         return None
-    bounds = bapo.update_state.bounds
+    bounds = None if step is None else step.bounds
     if bounds is None and not _warned_missing_update_bounds:
         _warned_missing_update_bounds = True
         logger.warning(
@@ -108,28 +110,27 @@ def compute_policy_loss_bapo(
     actor/bapo/nonfinite_token_frac.
     """
     bapo = bapo_config_of(config)
+    step = optimizer_step.current() if optimizer_step.is_running() else None  # None: called directly
     log_ratio, finite = log_ratio_of(log_prob, old_log_prob)
     ratio = torch.exp(log_ratio)
     mask = response_mask.bool()
     valid = mask & finite
 
-    bounds = _update_bounds(bapo)
+    bounds = _update_bounds(bapo, step)
     from_update = bounds is not None
     if bounds is None:
         weights = rho_weights(bapo, valid, rollout_is_weights, config)
-        bounds = search_clip_bounds(ratio, advantages, valid, bapo.search_spec, weights=weights, group=dp_group_of(bapo))
+        bounds = search_clip_bounds(ratio, advantages, valid, bapo.search_spec, weights=weights, group=dp_group_of(step))
 
     if trace.enabled():
-        state = bapo.update_state
         trace.record(
             "loss",
             tensors={"ratio": ratio, "advantages": advantages, "mask": valid, "weights": rollout_is_weights},
-            update=state.update_index if from_update else None,
-            micro_batch=state.micro_batch_index,
+            update=step.index if from_update else None,
+            micro_batch=None if step is None else step.loss_calls,
             c_low=bounds.c_low,
             c_high=bounds.c_high,
         )
-        state.micro_batch_index += 1
 
     pg_losses = ppo_clip_loss(ratio, advantages, bounds.c_low, bounds.c_high, bapo.dual_clip_c)
     if rollout_is_weights is not None:
@@ -138,7 +139,7 @@ def compute_policy_loss_bapo(
         loss_mat=pg_losses, loss_mask=valid, loss_agg_mode=loss_agg_mode, **_aggregation_info(config, mask)
     )
 
-    entropy = bapo.update_state.entropy  # per-position entropy of this micro-batch, when verl computed it
+    entropy = None if step is None else step.entropy  # per-position entropy of this micro-batch, when verl computed it
     if entropy is not None and entropy.shape != log_prob.shape:
         raise RuntimeError(f"bapo: entropy {tuple(entropy.shape)} does not match log_prob {tuple(log_prob.shape)}")
     diagnostics = clip_diagnostics(
@@ -152,20 +153,15 @@ def compute_policy_loss_bapo(
     values = dict(zip(names, torch.stack([*diagnostics.values(), *extra.values()]).tolist()))  # one host sync
 
     metrics = {f"actor/bapo/{name}": values[name] for name in diagnostics}
-    ratio_assumed_one = from_update and bapo.update_state.ratio_assumed_one
-    # Updates with r = 1 by construction can clip nothing: their bounds go to their own keys, so the
-    # per-step means of actor/bapo/c_low and c_high are those of the updates where the bounds acted.
-    bounds_prefix = "actor/bapo/ratio_one/" if ratio_assumed_one else "actor/bapo/"
     metrics.update(
         {
-            f"{bounds_prefix}c_low": bounds.c_low,
-            f"{bounds_prefix}c_high": bounds.c_high,
+            "actor/bapo/c_low": bounds.c_low,
+            "actor/bapo/c_high": bounds.c_high,
             "actor/bapo/rho": min(bounds.rho, RHO_LOG_CAP),
             "actor/bapo/rho_start": min(bounds.rho_start, RHO_LOG_CAP),
             "actor/bapo/search_steps": float(bounds.steps),
             "actor/bapo/target_met": float(bounds.target_met),
             "actor/bapo/bounds_from_update": float(from_update),
-            "actor/bapo/ratio_assumed_one": float(ratio_assumed_one),
             "actor/bapo/nonfinite_token_frac": values["nonfinite_token_frac"],
             # verl's standard names, same meaning as its vanilla loss
             "actor/pg_clipfrac": values["clipfrac_pos"] + values["clipfrac_neg"],

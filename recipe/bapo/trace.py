@@ -2,9 +2,12 @@
 
 verl averages metrics over all updates of a training step; the trace keeps every one. Each process
 appends JSON lines to <dir>/rank<R>-pid<P>.jsonl:
-  {"kind": "update", "update": i, "c_low", "c_high", "rho", "steps", "ratio_assumed_one"}   worker hook
-  {"kind": "loss", "update": i or null, "micro_batch": j, "c_low", "c_high"}                 every loss call
-With BAPO_TRACE_TENSORS=1 a loss record also names a .pt file with that micro-batch's ratio,
+  {"kind": "probe", "update": i}                                      worker hook: the probe's ratios (tensors)
+  {"kind": "update", "update": i, "c_low", "c_high", "rho", "steps", ...}   worker hook: the step's bounds
+  {"kind": "loss", "update": i or null, "micro_batch": j or null, "c_low", "c_high"}   every loss call
+i: the worker's optimizer step (null when the loss searched its own bounds); j: the loss call's index in
+that step (null for a loss called outside the actor's step, e.g. directly).
+With BAPO_TRACE_TENSORS=1 a loss (probe) record also names a .pt file with that micro-batch's (step's) ratio,
 advantages, mask and weights, so a search can be re-done offline.
 """
 

@@ -109,7 +109,7 @@ def make_plan(cfg, g: Geometry, m: ModelFacts) -> Plan:
     if g.use_ref:
         flops["reference log-prob pass"] = one / 3
     if policy_loss.loss_mode == "bapo" and policy_loss.get("scope", None) == "update":
-        flops["BAPO per-update probe (one forward per update; upper bound)"] = g.epochs * one / 3
+        flops["BAPO per-update probe (one forward per update)"] = g.epochs * one / 3
     gen = flops["generation (forward of every token)"]
     seconds = gen / (g.n_gpus * peak * mfu_gen) + (sum(flops.values()) - gen) / (g.n_gpus * peak * mfu_train)
     steps = cfg.trainer.total_training_steps

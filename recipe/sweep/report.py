@@ -125,7 +125,9 @@ def notes(runs: list[dict]) -> str:
     if 1.0 in flags("clipfrac_split_proxy"):
         lines.append("the entropy-raising / -lowering split is the mean-log-prob proxy (no per-position entropy in the gradient pass)")
     if 0.0 in flags("bounds_acting"):
-        lines.append("c_low / c_high average all updates, including those with r = 1 where no bound can act (runs before issue 10)")
+        lines.append("c_low / c_high average all updates, including the first of each rollout batch (r = 1 in decoupled mode: no bound can act)")
+    if 1.0 in flags("bounds_acting"):
+        lines.append("c_low / c_high of runs logged between issues 10 and 23 leave out the updates that took the r = 1 shortcut")
     return "".join(f"\nNote: {line}.\n" for line in lines)
 
 

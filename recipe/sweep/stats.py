@@ -10,7 +10,7 @@ Per run, from its merged metrics rows ({"step", "data"}):
 | `grad_norm_peak` | max `actor/grad_norm` |
 | `collapse_step` | first step of the first run of `COLLAPSE_K` consecutive steps with train reward < `COLLAPSE_FRACTION` x its running peak (peak over all steps so far, > 0); None = no collapse |
 | `clipfrac`, `clipfrac_raising`, `clipfrac_lowering` | mean over steps of `actor/pg_clipfrac` and of the Entropy-Clip Rule split `actor/bapo/clipfrac_entropy_{raising,lowering}` (the per-position rule; when verl computed no entropy in the gradient pass, the BAPO loss logs the mean-log-prob proxy `..._proxy` instead, used here with `clipfrac_split_proxy` = 1) |
-| `rho`, `pos_share`, `c_low`, `c_high` | mean over steps of `actor/bapo/rho`, 1 - `actor/bapo/neg_adv_mass_share`, `actor/bapo/c_low`, `actor/bapo/c_high` (since issue 10 the bounds of updates with r = 1 by construction go to `actor/bapo/ratio_one/*`, so these are the bounds that acted; `bounds_acting` = 1 when a run logs that split) |
+| `rho`, `pos_share`, `c_low`, `c_high` | mean over steps of `actor/bapo/rho`, 1 - `actor/bapo/neg_adv_mass_share`, `actor/bapo/c_low`, `actor/bapo/c_high` (runs logged between issues 10 and 23 put the bounds of updates that took the r = 1 shortcut under `actor/bapo/ratio_one/*`, so theirs leave those updates out; `bounds_acting` = 1 for such runs) |
 
 A statistic whose keys a run did not log is absent (None), so a report on runs without some metric has
 no line for it.
