@@ -29,7 +29,7 @@ install: $(STAMP)
 
 # Two pytest workers (pytest-xdist): a trainer run keeps about one core busy (its Ray workers take turns), so two
 # runs side by side nearly halve the trainer tier on 2 cores; two runs peak under 24 GiB together. Expensive
-# tests are scheduled first (tests/conftest.py); tests sharing a module-scoped trainer run form an xdist_group.
+# tests are scheduled first (tests/conftest.py); trainer runs share no fixtures across tests.
 # The tiny assets are built once before the workers start, so they do not both build them.
 test: $(STAMP)
 	$(BIN)/python -m recipe.data.tiny_assets

@@ -132,19 +132,13 @@ def check_metrics(rows, steps, rollout_probs_checked: bool = True):
             assert data["training/rollout_probs_diff_max"] < 1e-5  # the rollout has the actor's weights (fp32)
 
 
-@pytest.fixture(scope="module")
-def two_ranks(assets, tmp_path_factory):
-    """v0 trainer, 2 ranks, 2 steps with a checkpoint at step 2 (the resume test continues from it)."""
-    out = tmp_path_factory.getbasetemp() / "two_ranks"
-    overrides = cpu_tiny(assets, out, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=2", "trainer.save_freq=2")
-    return out, *run_bapo(out, overrides)
-
-
-@pytest.mark.xdist_group("two_ranks")  # one worker runs the shared 2-rank run, then resumes it
-def test_two_ranks_with_staleness_pick_identical_bounds_and_checkpoint(two_ranks):
+def test_two_ranks_with_staleness_pick_identical_bounds_checkpoint_and_resume(assets, tmp_path):
     """v0 trainer, 2 ranks: 2 steps x 8 optimizer updates (staleness 8), every update's bounds equal on both
-    ranks and to a search over the union of their loss ratios; a checkpoint at step 2."""
-    out, proc, rows, records, _ = two_ranks
+    ranks and to a search over the union of their loss ratios; a checkpoint at step 2, from which a second run
+    resumes. (One test, not a shared fixture and two tests: under pytest-xdist two workers each ran the 2-rank run.)"""
+    out = tmp_path / "two_ranks"
+    overrides = cpu_tiny(assets, out, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=2", "trainer.save_freq=2")
+    proc, rows, records, _ = run_bapo(out, overrides)
     assert_succeeded(proc)
     check_metrics(rows, [1, 2])
     updates = check_updates(records, out / "trace", world_size=2)
@@ -162,12 +156,8 @@ def test_two_ranks_with_staleness_pick_identical_bounds_and_checkpoint(two_ranks
     a, b = (torch.cat(calls) for calls in by_rank.values())
     assert len(by_rank) == 2 and (a.shape != b.shape or not torch.equal(a, b))
 
-
-@pytest.mark.xdist_group("two_ranks")  # one worker runs the shared 2-rank run, then resumes it
-def test_v0_trainer_resumes_from_the_checkpoint(assets, two_ranks, tmp_path_factory):
-    out, proc, *_ = two_ranks
-    assert_succeeded(proc)
-    resumed = tmp_path_factory.getbasetemp() / "two_ranks_resumed"
+    # the v0 trainer resumes from that checkpoint
+    resumed = tmp_path / "two_ranks_resumed"
     overrides = cpu_tiny(assets, out, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=3", "trainer.resume_mode=auto")
     proc, rows, _, _ = run_bapo(resumed, overrides, trace=False)
     assert_succeeded(proc)
