@@ -4,7 +4,8 @@
         with optimizer_step.running(OptimizerStep(index, bounds, dp_group)) as step:
             ...  # and around each loss call of the step: with step.loss_call(entropy): ...
     loss (recipe/bapo/loss.py):
-        step = optimizer_step.current()  # NoStepInProgress outside a step
+        step = optimizer_step.current() if optimizer_step.is_running() else None  # None: the loss called directly
+    (`current()` alone raises NoStepInProgress outside a step: the worker's loss wrapper uses it.)
 
 It carries what the loss needs and verl cannot pass: the bounds searched over the whole step (`scope: update`),
 the data-parallel group a `scope: micro_batch` search reduces over, the step's index and its loss calls so far
