@@ -19,8 +19,8 @@ from typing import Any
 from .cache import (DATA_SUBDIR, MANIFEST, MODEL_SUBDIR, VERSION, TinyAssets, TinyAssetsParams, _install, _valid_build,
                     default_cache_root)
 from .model import build_model, build_tokenizer, chat_prompt_ids
-from .task import DATA_SOURCE, OPS, RESPONSE_STYLES, Problem, derive_seed, sample_problem, score_response, verl_row
-from .training import _Encoder, response_probabilities, sampled_accuracy, warm_start
+from .task import DATA_SOURCE, OPS, RAMBLE_LIMIT, RESPONSE_STYLES, Problem, derive_seed, sample_problem, score_response, verl_row
+from .training import _Encoder, ramble_phase, response_probabilities, sampled_accuracy, warm_start
 
 logger = logging.getLogger("bapo_verl.tiny_assets")
 
@@ -74,10 +74,18 @@ def _write_files(tmp: Path, params: TinyAssetsParams, log) -> dict:
     val_rng = random.Random(derive_seed(params.seed, "val"))
     val = [sample_problem(val_rng, params.max_operand) for _ in range(params.n_val)]
 
-    model = build_model(params, tok)
+    if params.response_style == "ramble":  # the "restate" build of the same parameters, then the ramble phase
+        base = build_tiny_assets(tmp.parent / dataclasses.replace(params, response_style="restate").key(),
+                                 **{**dataclasses.asdict(params), "response_style": "restate"})
+        model = AutoModelForCausalLM.from_pretrained(base.model_dir, dtype=torch.float32)
+        log(f"tiny assets: ramble phase on the restate build {base.root}")
+        ws = {"base": {"key": base.manifest["key"], "accuracy": base.accuracy, "warm_start": base.manifest["warm_start"]},
+              "ramble": ramble_phase(model, enc, params, val, log=log)}
+    else:
+        model = build_model(params, tok)
+        ws = warm_start(model, enc, params, val, log=log)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"tiny assets: {n_params} parameters, {params.n_train} train / {params.n_test} test problems")
-    ws = warm_start(model, enc, params, val, log=log)
     model.save_pretrained(model_dir)
 
     # check the artefact as a consumer loads it
@@ -86,7 +94,9 @@ def _write_files(tmp: Path, params: TinyAssetsParams, log) -> dict:
     test_problems = [Problem(r["extra_info"]["a"], r["extra_info"]["op"], r["extra_info"]["b"])
                      for r in splits["test"]]
     test_probs = response_probabilities(loaded, _Encoder(tok2), test_problems, style=params.response_style)
-    acc, texts = sampled_accuracy(loaded, tok2, splits["test"], max_new_tokens=params.eval_max_new_tokens,
+    # a ramble build is sampled at the limit its runs use (a ramble's length is that limit)
+    eval_tokens = RAMBLE_LIMIT if params.response_style == "ramble" else params.eval_max_new_tokens
+    acc, texts = sampled_accuracy(loaded, tok2, splits["test"], max_new_tokens=eval_tokens,
                                   seed=derive_seed(params.seed, "eval"))
     by_op = {}
     for op in OPS:
@@ -97,6 +107,11 @@ def _write_files(tmp: Path, params: TinyAssetsParams, log) -> dict:
     resp_lens = [max(len(enc.response(p, params.response_style, v)) for v in range(len(p.responses(params.response_style)))) + 1
                  for p in test_problems]  # longest phrasing + eos
     sampled_lens = [len(tok2.encode(t, add_special_tokens=False)) for t in texts]
+    right = [score_response(t, p.answer) for t, p in zip(texts, test_problems)]
+
+    def mean_length(outcome: float) -> float | None:
+        lens = [n for n, r in zip(sampled_lens, right) if r == outcome]
+        return round(sum(lens) / len(lens), 2) if lens else None
     files = {}
     for path in sorted(tmp.rglob("*")):
         if path.is_file():
@@ -109,7 +124,7 @@ def _write_files(tmp: Path, params: TinyAssetsParams, log) -> dict:
         "accuracy": round(acc, 4),
         "accuracy_by_op": by_op,
         "accuracy_setting": {"temperature": 1.0, "top_p": 1.0, "top_k": None, "split": "test",
-                             "max_new_tokens": params.eval_max_new_tokens, "scorer": "last \\boxed{int}"},
+                             "max_new_tokens": eval_tokens, "scorer": "last \\boxed{int}"},
         "expected_accuracy": round(sum(test_probs) / len(test_probs), 4),
         "fraction_test_prompts_mixed": round(sum(0.1 <= p <= 0.9 for p in test_probs) / len(test_probs), 4),
         "warm_start": ws,
@@ -120,10 +135,12 @@ def _write_files(tmp: Path, params: TinyAssetsParams, log) -> dict:
             "max_prompt_tokens": max(prompt_lens),
             "max_target_response_tokens": max(resp_lens),
             "mean_sampled_response_tokens": round(sum(sampled_lens) / max(1, len(sampled_lens)), 2),
+            "mean_sampled_response_tokens_right": mean_length(1.0),
+            "mean_sampled_response_tokens_wrong": mean_length(0.0),
         },
         "recommended": {
             "data.max_prompt_length": _ceil_to(max(prompt_lens), 16),
-            "data.max_response_length": _ceil_to(max(resp_lens) + 8, 16),
+            "data.max_response_length": RAMBLE_LIMIT if params.response_style == "ramble" else _ceil_to(max(resp_lens) + 8, 16),
         },
         "files": files,
         "sample_responses": texts[:8],

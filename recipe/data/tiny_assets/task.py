@@ -37,7 +37,7 @@ class Problem:
     def responses(self, style: str) -> tuple[str, ...]:
         """Warm-start targets of ``style`` (every one ends with the boxed answer; the first is ``response``;
         for "scratch", one fixed scratch: the warm start draws a fresh one per example)."""
-        if style == "restate":
+        if style in ("restate", "ramble"):  # a ramble never answers: the one correct target is the restatement
             return (self.response,)
         if style == "scratch":
             rng = random.Random(f"{self.a}{self.op}{self.b}")
@@ -47,7 +47,7 @@ class Problem:
                 f"{a}{op}{b} gives {x}, so \\boxed{{{x}}}", f"So {x}. \\boxed{{{x}}}")
 
 
-RESPONSE_STYLES = ("restate", "varied", "scratch")
+RESPONSE_STYLES = ("restate", "varied", "scratch", "ramble")
 # "scratch": SCRATCH_LENGTH letters drawn uniformly and independently, then the boxed answer: free tokens the
 # reward ignores (like the many inconsequential forking tokens of a reasoning trace), ~3.3 nats each
 SCRATCH_LETTERS, SCRATCH_LENGTH = "abcdefghijklmnopqrstuvwxyz", 6
@@ -55,6 +55,25 @@ SCRATCH_LETTERS, SCRATCH_LENGTH = "abcdefghijklmnopqrstuvwxyz", 6
 
 def scratch_response(problem: Problem, letters: str) -> str:
     return f"{letters} \\boxed{{{problem.answer}}}"
+
+
+# "ramble" (configs/regime/cpu_imbalance.yaml): the restatement up to "=", then either the answer (the "restate"
+# target) or, with probability RAMBLE_PROBABILITY[op], RAMBLE_LENGTH free letters with no answer and no end: a
+# trace that loses its way and runs into the length limit, scored 0 by the ordinary reward (the paper's overlong
+# negatives). Multiplication, the op the model gets wrong most, rambles most, as reasoning models ramble on what
+# they cannot solve. Failures are therefore long for a reason the policy can unlearn (stop rambling), while the
+# reward stays the plain last-\boxed{} check.
+RAMBLE_PROBABILITY = {"+": 0.2, "-": 0.2, "*": 0.5}
+RAMBLE_LIMIT = 48  # the length limit (tokens) of ramble runs: the build's recommended data.max_response_length
+RAMBLE_LENGTH = RAMBLE_LIMIT  # letters; with "7*8=" in front past the limit, so a ramble is always cut off
+# A "ramble" build starts from the "restate" build of the same parameters (cached beside it) and learns to ramble
+# in RAMBLE_STEPS steps (training.ramble_phase, evaluated every RAMBLE_EVAL_EVERY); these constants enter the
+# cache key of "ramble" builds only (cache.TinyAssetsParams.key)
+RAMBLE_STEPS, RAMBLE_EVAL_EVERY = 100, 25
+
+
+def ramble_response(problem: Problem, letters: str) -> str:
+    return f"{problem.a}{problem.op}{problem.b}={letters}"
 
 
 def derive_seed(seed: int, stream: str) -> int:

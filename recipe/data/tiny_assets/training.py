@@ -4,13 +4,15 @@ build: teacher-forced probability of the target response, and sampled accuracy. 
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from typing import TYPE_CHECKING
 
 from recipe.data.templates import math_prompt
 
 from .model import EOS_TOKEN, PAD_TOKEN, _token_ids, chat_prompt_ids
-from .task import SCRATCH_LENGTH, SCRATCH_LETTERS, Problem, derive_seed, sample_problem, score_response, scratch_response
+from .task import (RAMBLE_EVAL_EVERY, RAMBLE_LENGTH, RAMBLE_PROBABILITY, RAMBLE_STEPS, SCRATCH_LENGTH, SCRATCH_LETTERS, Problem, derive_seed,
+                   ramble_response, sample_problem, score_response, scratch_response)
 
 if TYPE_CHECKING:
     from .cache import TinyAssetsParams
@@ -39,18 +41,20 @@ class _Encoder:
         return self._cache[key]
 
 
-def _teacher_forced_batch(enc: _Encoder, problems: list[Problem], bare: bool, with_eos: bool,
+def _teacher_forced_batch(enc: _Encoder, problems: list[Problem], bare: bool, with_eos: bool | list[bool],
                           style: str = "restate", variants: list[int] | None = None,
                           targets: list[list[int]] | None = None, unscored_prefix: int = 0):
     """Right-padded (input_ids, attention_mask, labels); labels are -100 outside the response and on its
     first ``unscored_prefix`` tokens. ``variants[i]``: which of ``problems[i].responses(style)`` is the
-    target (default the first); ``targets``: explicit response ids instead."""
+    target (default the first); ``targets``: explicit response ids instead. ``with_eos``: append eos to every
+    response, or per response (a list: a ramble is cut off, it has no end)."""
     import torch
 
     seqs, labels = [], []
     for i, p in enumerate(problems):
         target = targets[i] if targets is not None else enc.response(p, style, variants[i] if variants else 0)
-        prompt, resp = enc.prompt(p, bare), target + ([enc.eos_id] if with_eos else [])
+        eos = with_eos[i] if isinstance(with_eos, list) else with_eos
+        prompt, resp = enc.prompt(p, bare), target + ([enc.eos_id] if eos else [])
         seqs.append(prompt + resp)
         labels.append([-100] * (len(prompt) + unscored_prefix) + resp[unscored_prefix:])
     width = max(map(len, seqs))
@@ -155,6 +159,66 @@ def warm_start(model, enc: _Encoder, params: TinyAssetsParams, val: list[Problem
         "seconds": round(time.perf_counter() - t0, 2),
         "history": history,
     }
+
+
+def ramble_probabilities(model, enc: _Encoder, problems: list[Problem]) -> list[float]:
+    """Per problem, the probability that the model rambles: that the token after the restated "a op b=" is a
+    letter (teacher-forced, real prompt)."""
+    import torch
+
+    letters = [enc.tok.convert_tokens_to_ids(c) for c in SCRATCH_LETTERS]
+    heads = [enc.prompt(p) + enc.tok.encode(f"{p.a}{p.op}{p.b}=", add_special_tokens=False) for p in problems]
+    width = max(map(len, heads))
+    ids = torch.full((len(heads), width), enc.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, h in enumerate(heads):  # left padding: the branch is the last position of every row
+        ids[i, width - len(h):], mask[i, width - len(h):] = torch.tensor(h), 1
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+    model.train(was_training)
+    return torch.softmax(logits, -1)[:, letters].sum(-1).tolist()
+
+
+def ramble_phase(model, enc: _Encoder, params: TinyAssetsParams, val: list[Problem], log=print) -> dict:
+    """Teach a warm-started "restate" model to ramble: RAMBLE_STEPS AdamW steps (real prompts) on answers mixed
+    with rambles, a ramble with probability RAMBLE_PROBABILITY[op] ("7*8=" + RAMBLE_LENGTH fresh letters, no eos:
+    it is cut off). A fixed step count (the branch probability is what is learned, not a stopping target)."""
+    import torch
+
+    rng = random.Random(derive_seed(params.seed, "ramble"))
+    torch.manual_seed(derive_seed(params.seed, "ramble-torch"))
+    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    model.train()
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    for step in range(1, RAMBLE_STEPS + 1):
+        for group in opt.param_groups:
+            group["lr"] = params.lr * min(1.0, step / max(1, params.warmup_steps))
+        batch = [sample_problem(rng, params.max_operand) for _ in range(params.batch_size)]
+        texts = [ramble_response(p, "".join(rng.choice(SCRATCH_LETTERS) for _ in range(RAMBLE_LENGTH)))
+                 if rng.random() < RAMBLE_PROBABILITY[p.op] else p.response for p in batch]
+        targets = [enc.tok.encode(t, add_special_tokens=False) for t in texts]
+        with_eos = [t == p.response for t, p in zip(texts, batch)]  # the answer ends; a ramble is cut off
+        ids, mask, lab = _teacher_forced_batch(enc, batch, False, with_eos, targets=targets)
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % RAMBLE_EVAL_EVERY == 0 or step == RAMBLE_STEPS:
+            acc = statistics.fmean(response_probabilities(model, enc, val, style="ramble"))
+            ramble = ramble_probabilities(model, enc, val)
+            by_op = {op: round(statistics.fmean(r for r, p in zip(ramble, val) if p.op == op), 4) for op in RAMBLE_PROBABILITY}
+            history.append({"step": step, "loss": round(loss.item(), 4), "expected_accuracy": round(acc, 4),
+                            "ramble_probability": by_op})
+            log(f"  ramble step {step:4d} loss {loss.item():.3f} expected acc {acc:.3f} "
+                f"P(ramble) {by_op} [{time.perf_counter() - t0:.1f}s]")
+    model.eval()
+    return {"steps": RAMBLE_STEPS, "seconds": round(time.perf_counter() - t0, 2), "history": history,
+            "val_expected_accuracy": history[-1]["expected_accuracy"],
+            "val_ramble_probability": history[-1]["ramble_probability"]}
 
 
 def sampled_accuracy(model, tok, rows: list[dict], *, temperature: float = 1.0, max_new_tokens: int = 32,
