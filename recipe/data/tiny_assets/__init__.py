@@ -60,5 +60,5 @@ from .cli import main
 from .model import (CHATML_TEMPLATE, EOS_TOKEN, PAD_TOKEN, START_TOKEN, build_model, build_tokenizer, chat_prompt_ids,
                     qwen2_model)
 from .task import (DATA_SOURCE, OPS, RESPONSE_STYLES, SCRATCH_LENGTH, SCRATCH_LETTERS, Problem, derive_seed,
-                   sample_problem, score_response, scratch_response, verl_row)
-from .training import response_probabilities, sampled_accuracy, warm_start
+                   sample_problem, score_response, scratch_response, verl_row, ramble_response, wrong_first_digits)
+from .training import ramble_phase, ramble_probabilities, response_probabilities, sampled_accuracy, warm_start

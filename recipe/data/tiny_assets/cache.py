@@ -63,9 +63,9 @@ class TinyAssetsParams:
         # the prompt template lives in recipe/data/templates.py: a change to it must miss the cache
         fields = {"version": VERSION, "prompt_template": math_prompt("{problem}"), **dataclasses.asdict(self)}
         if self.response_style == "ramble":  # only here, so the other styles keep their keys
-            from .task import RAMBLE_EVAL_EVERY, RAMBLE_LENGTH, RAMBLE_PROBABILITY, RAMBLE_STEPS
+            from .task import RAMBLE_EVAL_EVERY, RAMBLE_FRACTION, RAMBLE_LENGTH, RAMBLE_STEPS
 
-            fields["ramble"] = [RAMBLE_PROBABILITY, RAMBLE_LENGTH, RAMBLE_STEPS, RAMBLE_EVAL_EVERY]
+            fields["ramble"] = [RAMBLE_FRACTION, RAMBLE_LENGTH, RAMBLE_STEPS, RAMBLE_EVAL_EVERY]
         blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -57,23 +57,30 @@ def scratch_response(problem: Problem, letters: str) -> str:
     return f"{letters} \\boxed{{{problem.answer}}}"
 
 
-# "ramble" (configs/regime/cpu_imbalance.yaml): the restatement up to "=", then either the answer (the "restate"
-# target) or, with probability RAMBLE_PROBABILITY[op], RAMBLE_LENGTH free letters with no answer and no end: a
-# trace that loses its way and runs into the length limit, scored 0 by the ordinary reward (the paper's overlong
-# negatives). Multiplication, the op the model gets wrong most, rambles most, as reasoning models ramble on what
-# they cannot solve. Failures are therefore long for a reason the policy can unlearn (stop rambling), while the
-# reward stays the plain last-\boxed{} check.
-RAMBLE_PROBABILITY = {"+": 0.2, "-": 0.2, "*": 0.5}
+# "ramble" (configs/regime/cpu_imbalance.yaml): after a wrong first answer digit the model loses its way and
+# rambles: RAMBLE_LENGTH free letters with no answer and no end, cut off by the length limit ("7*8=4qzkf...", the
+# paper's overlong negatives). The warm start shows rambles after wrong digits it does not score (the model keeps
+# its own arithmetic, and learns only what follows a wrong digit), so its own errors, as far as it can tell them
+# from right digits, turn into long responses: failures are long because they fail. The policy can shorten them
+# only by failing less (a ramble and a short wrong answer both score 0, so after a wrong digit RL has no reason to
+# prefer either; after a right digit it learns not to ramble). The reward is the plain last-\boxed{} check.
+RAMBLE_FRACTION = 0.3  # share of the ramble phase's training examples that are rambles
 RAMBLE_LIMIT = 48  # the length limit (tokens) of ramble runs: the build's recommended data.max_response_length
-RAMBLE_LENGTH = RAMBLE_LIMIT  # letters; with "7*8=" in front past the limit, so a ramble is always cut off
+RAMBLE_LENGTH = RAMBLE_LIMIT  # letters; with "7*8=4" in front past the limit, so a ramble is always cut off
 # A "ramble" build starts from the "restate" build of the same parameters (cached beside it) and learns to ramble
 # in RAMBLE_STEPS steps (training.ramble_phase, evaluated every RAMBLE_EVAL_EVERY); these constants enter the
 # cache key of "ramble" builds only (cache.TinyAssetsParams.key)
 RAMBLE_STEPS, RAMBLE_EVAL_EVERY = 100, 25
 
 
-def ramble_response(problem: Problem, letters: str) -> str:
-    return f"{problem.a}{problem.op}{problem.b}={letters}"
+def wrong_first_digits(problem: Problem) -> list[str]:
+    """The digits an answer to `problem` cannot start with (the nine others than its own first digit)."""
+    return [d for d in "0123456789" if d != str(problem.answer)[0]]
+
+
+def ramble_response(problem: Problem, first: str, letters: str) -> str:
+    """A ramble: the restated problem, a wrong first digit `first`, then free letters (no answer, no end)."""
+    return f"{problem.a}{problem.op}{problem.b}={first}{letters}"
 
 
 def derive_seed(seed: int, stream: str) -> int:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from recipe.data.templates import math_prompt
 
 from .model import EOS_TOKEN, PAD_TOKEN, _token_ids, chat_prompt_ids
-from .task import (RAMBLE_EVAL_EVERY, RAMBLE_LENGTH, RAMBLE_PROBABILITY, RAMBLE_STEPS, SCRATCH_LENGTH, SCRATCH_LETTERS, Problem, derive_seed,
-                   ramble_response, sample_problem, score_response, scratch_response)
+from .task import (RAMBLE_EVAL_EVERY, RAMBLE_LENGTH, RAMBLE_FRACTION, RAMBLE_STEPS, SCRATCH_LENGTH, SCRATCH_LETTERS, Problem, derive_seed,
+                   ramble_response, sample_problem, score_response, scratch_response, wrong_first_digits)
 
 if TYPE_CHECKING:
     from .cache import TinyAssetsParams
@@ -161,13 +161,15 @@ def warm_start(model, enc: _Encoder, params: TinyAssetsParams, val: list[Problem
     }
 
 
-def ramble_probabilities(model, enc: _Encoder, problems: list[Problem]) -> list[float]:
-    """Per problem, the probability that the model rambles: that the token after the restated "a op b=" is a
-    letter (teacher-forced, real prompt)."""
+def ramble_probabilities(model, enc: _Encoder, problems: list[Problem]) -> tuple[list[float], list[float]]:
+    """Per problem, the probability that the model rambles (the next token is a letter) after the restated
+    "a op b=" and a first answer digit: (mean over the nine wrong first digits, after the right one); teacher
+    forced, real prompt."""
     import torch
 
     letters = [enc.tok.convert_tokens_to_ids(c) for c in SCRATCH_LETTERS]
-    heads = [enc.prompt(p) + enc.tok.encode(f"{p.a}{p.op}{p.b}=", add_special_tokens=False) for p in problems]
+    heads = [enc.prompt(p) + enc.tok.encode(f"{p.a}{p.op}{p.b}={d}", add_special_tokens=False)
+             for p in problems for d in [str(p.answer)[0], *wrong_first_digits(p)]]
     width = max(map(len, heads))
     ids = torch.full((len(heads), width), enc.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -178,13 +180,14 @@ def ramble_probabilities(model, enc: _Encoder, problems: list[Problem]) -> list[
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
     model.train(was_training)
-    return torch.softmax(logits, -1)[:, letters].sum(-1).tolist()
+    ramble = torch.softmax(logits, -1)[:, letters].sum(-1).view(len(problems), 10)
+    return ramble[:, 1:].mean(-1).tolist(), ramble[:, 0].tolist()
 
 
 def ramble_phase(model, enc: _Encoder, params: TinyAssetsParams, val: list[Problem], log=print) -> dict:
-    """Teach a warm-started "restate" model to ramble: RAMBLE_STEPS AdamW steps (real prompts) on answers mixed
-    with rambles, a ramble with probability RAMBLE_PROBABILITY[op] ("7*8=" + RAMBLE_LENGTH fresh letters, no eos:
-    it is cut off). A fixed step count (the branch probability is what is learned, not a stopping target)."""
+    """Teach a warm-started "restate" model to ramble after a wrong first digit: RAMBLE_STEPS AdamW steps (real
+    prompts) on answers mixed with rambles (RAMBLE_FRACTION of the examples: "7*8=" + a wrong first digit, not
+    scored, + RAMBLE_LENGTH fresh letters, no eos: it is cut off). A fixed step count (no accuracy target)."""
     import torch
 
     rng = random.Random(derive_seed(params.seed, "ramble"))
@@ -197,11 +200,14 @@ def ramble_phase(model, enc: _Encoder, params: TinyAssetsParams, val: list[Probl
         for group in opt.param_groups:
             group["lr"] = params.lr * min(1.0, step / max(1, params.warmup_steps))
         batch = [sample_problem(rng, params.max_operand) for _ in range(params.batch_size)]
-        texts = [ramble_response(p, "".join(rng.choice(SCRATCH_LETTERS) for _ in range(RAMBLE_LENGTH)))
-                 if rng.random() < RAMBLE_PROBABILITY[p.op] else p.response for p in batch]
+        texts = [ramble_response(p, rng.choice(wrong_first_digits(p)), "".join(rng.choices(SCRATCH_LETTERS, k=RAMBLE_LENGTH)))
+                 if rng.random() < RAMBLE_FRACTION else p.response for p in batch]
         targets = [enc.tok.encode(t, add_special_tokens=False) for t in texts]
         with_eos = [t == p.response for t, p in zip(texts, batch)]  # the answer ends; a ramble is cut off
         ids, mask, lab = _teacher_forced_batch(enc, batch, False, with_eos, targets=targets)
+        for i, (p, ends) in enumerate(zip(batch, with_eos)):
+            if not ends:  # the wrong digit is given, not taught: its position is len(prompt) + len("7*8=")
+                lab[i, len(enc.prompt(p)) + len(f"{p.a}{p.op}{p.b}=")] = -100
         loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -209,12 +215,13 @@ def ramble_phase(model, enc: _Encoder, params: TinyAssetsParams, val: list[Probl
         opt.step()
         if step % RAMBLE_EVAL_EVERY == 0 or step == RAMBLE_STEPS:
             acc = statistics.fmean(response_probabilities(model, enc, val, style="ramble"))
-            ramble = ramble_probabilities(model, enc, val)
-            by_op = {op: round(statistics.fmean(r for r, p in zip(ramble, val) if p.op == op), 4) for op in RAMBLE_PROBABILITY}
+            after_wrong, after_right = ramble_probabilities(model, enc, val)
+            ramble = {"after_wrong_digit": round(statistics.fmean(after_wrong), 4),
+                      "after_right_digit": round(statistics.fmean(after_right), 4)}
             history.append({"step": step, "loss": round(loss.item(), 4), "expected_accuracy": round(acc, 4),
-                            "ramble_probability": by_op})
+                            "ramble_probability": ramble})
             log(f"  ramble step {step:4d} loss {loss.item():.3f} expected acc {acc:.3f} "
-                f"P(ramble) {by_op} [{time.perf_counter() - t0:.1f}s]")
+                f"P(ramble) {ramble} [{time.perf_counter() - t0:.1f}s]")
     model.eval()
     return {"steps": RAMBLE_STEPS, "seconds": round(time.perf_counter() - t0, 2), "history": history,
             "val_expected_accuracy": history[-1]["expected_accuracy"],

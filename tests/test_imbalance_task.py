@@ -1,0 +1,89 @@
+"""The "ramble" tiny task of the imbalance regime (issue 22): wrong responses are longer than right ones.
+
+The length claim is the one the calibration states (docs/study_cpu_imbalance/calibration/claim.json, measured
+from the trainer's rollouts on vLLM); here it is checked on fresh samples of the built model (HF generate,
+temperature 1, at the regime's length limit), scored with the project's reward.
+"""
+
+import json
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from recipe.data import tiny_assets as ta
+
+REPO = Path(__file__).resolve().parents[1]
+CLAIM = REPO / "docs" / "study_cpu_imbalance" / "calibration" / "claim.json"
+REGIME = REPO / "configs" / "regime" / "cpu_imbalance.yaml"
+
+pytestmark = pytest.mark.slow  # builds the ramble assets (~80 s on 2 cores, on top of the default build)
+
+
+@pytest.fixture(scope="module")
+def ramble():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assets = ta.build_tiny_assets(response_style="ramble")
+    return (assets, AutoTokenizer.from_pretrained(assets.model_dir),
+            AutoModelForCausalLM.from_pretrained(assets.model_dir, dtype=torch.float32))
+
+
+def test_wrong_responses_are_longer_by_the_calibrated_factor(ramble):
+    from recipe.reward.aime import compute_score
+
+    assets, tok, model = ramble
+    limit = yaml.safe_load(REGIME.read_text())["data"]["max_response_length"]
+    assert limit == assets.max_response_length  # the regime cuts rambles where the build's own eval did
+    rows = pd.read_parquet(assets.train_file).to_dict("records")[:512]
+    _, texts = ta.sampled_accuracy(model, tok, rows, seed=2026, max_new_tokens=limit)
+    lengths = {1.0: [], 0.0: []}
+    for text, row in zip(texts, rows):
+        score = compute_score(ta.DATA_SOURCE, text, row["reward_model"]["ground_truth"], use_math_verify=False)["score"]
+        n_tokens = len(tok.encode(text, add_special_tokens=False)) + (not _cut_off(tok, text, limit))  # + eos
+        lengths[float(score)].append(n_tokens)
+    ratio = statistics.fmean(lengths[0.0]) / statistics.fmean(lengths[1.0])
+    claim = json.loads(CLAIM.read_text())["wrong_over_right_length_min"]
+    assert ratio >= claim, (ratio, claim, {k: statistics.fmean(v) for k, v in lengths.items()})
+    # the ramble is where the length comes from: cut-off responses are wrong, and they are common
+    cut = [_cut_off(tok, t, limit) for t in texts]
+    assert 0.1 <= statistics.fmean(cut) <= 0.6
+    assert not any(c and ta.score_response(t, r["reward_model"]["ground_truth"]) for c, t, r in zip(cut, texts, rows))
+
+
+def _cut_off(tok, text: str, limit: int) -> bool:
+    return len(tok.encode(text, add_special_tokens=False)) >= limit
+
+
+def test_multiplication_rambles_most(ramble):
+    """The branch probability after "a op b=" follows RAMBLE_PROBABILITY's order (x above + and -)."""
+    assets, tok, model = ramble
+    problems = [ta.Problem(a, op, b) for op in ta.OPS for a in range(10) for b in range(10) if op != "-" or a >= b]
+    probs = ta.training.ramble_probabilities(model, ta.training._Encoder(tok), problems)
+    by_op = {op: statistics.fmean(p for p, q in zip(probs, problems) if q.op == op) for op in ta.OPS}
+    assert by_op["*"] > max(by_op["+"], by_op["-"]) + 0.1, by_op
+
+
+def test_ramble_probability_matches_an_unbatched_forward(ramble):
+    """ramble_probabilities (left-padded batch, last position) against one unpadded forward per problem."""
+    assets, tok, model = ramble
+    problems = [ta.Problem(7, "*", 8), ta.Problem(1, "+", 0), ta.Problem(9, "-", 2)]
+    got = ta.training.ramble_probabilities(model, ta.training._Encoder(tok), problems)
+    letters = [tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz"]
+    for p, value in zip(problems, got):
+        text = tok.apply_chat_template([{"role": "user", "content": ta.verl_row(p, "test", 0)["prompt"][0]["content"]}],
+                                       add_generation_prompt=True, tokenize=False) + f"{p.a}{p.op}{p.b}="
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+        with torch.no_grad():
+            probs = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+        assert value == pytest.approx(probs[letters].sum().item(), abs=1e-5)
+
+
+def test_ramble_constants_enter_the_ramble_key_only(monkeypatch):
+    restate, ramble = ta.TinyAssetsParams().key(), ta.TinyAssetsParams(response_style="ramble").key()
+    monkeypatch.setattr(ta.task, "RAMBLE_STEPS", ta.task.RAMBLE_STEPS + 1)
+    assert ta.TinyAssetsParams().key() == restate
+    assert ta.TinyAssetsParams(response_style="ramble").key() != ramble
