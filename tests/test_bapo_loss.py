@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 
 import verl  # noqa: F401  (loads the bapo plugin through the verl.plugins entry point)
 from recipe.bapo.config import BAPOPolicyLossConfig
+from recipe.bapo.loss import SEARCH_METRICS
 from recipe.bapo.optimizer_step import OptimizerStep, running
 from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, get_policy_loss_fn
 from verl.utils.config import omega_conf_to_dataclass
@@ -220,6 +221,30 @@ def test_degenerate_inputs_give_finite_loss_and_gradients(scope, agg):
         assert all(math.isfinite(v) for k, v in metrics.items() if k != "actor/bapo/rho"), (name, metrics)
         if name.startswith("nan"):
             assert metrics["actor/bapo/nonfinite_token_frac"] > 0, name
+
+
+@pytest.mark.parametrize("scope", ["micro_batch", "update"])
+@pytest.mark.parametrize("rho_definition", ["share", "ratio"])
+def test_no_signal_logs_no_search_metrics(scope, rho_definition):
+    """No token with a non-zero weighted advantage: nothing to balance, so no rho (it was 0, or 1e6 for "ratio"),
+    no start bounds, no search steps; the clip fractions (0: nothing can be clipped) and the rest stay."""
+    old, log_prob, adv, mask, weights = make_batch(seed=6)
+    cases = {
+        "all_zero": (torch.zeros_like(adv), mask, None),
+        "empty_mask": (adv, torch.zeros_like(mask), None),
+        "zero_is_weights": (adv, mask, torch.zeros_like(weights)),  # rollout-IS weights count in rho
+        "signal": (adv, mask, None),
+    }
+    config = actor_config(BAPOPolicyLossConfig(scope=scope, rho_definition=rho_definition))
+    for name, (a, m, w) in cases.items():
+        bounds = search_clip_bounds((log_prob - old).detach().exp(), a, m, config.policy_loss.search_spec, weights=w)
+        with running(OptimizerStep(index=0, bounds=bounds if scope == "update" else None, dp_group=None)):
+            _, metrics = bapo_loss(old, log_prob, a, m, "token-mean", config, w)
+        if name == "signal":
+            assert set(SEARCH_METRICS) <= set(metrics)
+        else:
+            assert not set(SEARCH_METRICS) & set(metrics), name
+        assert {"actor/pg_clipfrac", "actor/ppo_kl", "actor/bapo/clipfrac_pos", "actor/bapo/bounds_from_update"} <= set(metrics)
 
 
 def test_stock_policy_loss_config_gives_a_clear_error():

@@ -6,6 +6,7 @@ It records which bounds every micro-batch's loss used, so the tests can check th
 """
 
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -21,8 +22,11 @@ import verl  # noqa: F401  (plugin: registers the loss and installs the worker h
 from bapo_core import search_clip_bounds
 from recipe.bapo import optimizer_step
 from recipe.bapo.config import BaselinePolicyLossConfig, BAPOPolicyLossConfig
+from recipe.bapo.loss import SEARCH_METRICS
 from recipe.bapo.worker import BAPOTrainingWorker
 from verl.utils import tensordict_utils as tu
+from verl.utils.metric import reduce_metrics
+from verl.utils.py_functional import append_to_dict
 from verl.workers.config import ActorConfig, PolicyLossConfig
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 from verl.workers.engine.utils import prepare_micro_batches
@@ -38,8 +42,12 @@ class FakeEngine:
     `shape_noise` adds a term that depends on the micro-batch's shape, as GEMM rounding does under bf16,
     so a probe partitioned differently from the gradient pass gives different ratios."""
 
-    def __init__(self, has_outputs=True, lr=2.0, shape_noise=0.0, vpp_group=None, pipeline_peer=None, entropy=False):
+    def __init__(self, has_outputs=True, lr=2.0, shape_noise=0.0, vpp_group=None, pipeline_peer=None, entropy=False,
+                 verl_metrics=False):  # fmt: skip
         self.module = torch.nn.Module()
+        # return the loss metrics as verl's engines do (per key, the micro-batches' values: verl's
+        # postprocess_batch_func), so TrainingWorker aggregates them over the step; else none are returned
+        self.verl_metrics = verl_metrics
         self.module.theta = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
         self.has_outputs, self.lr, self.shape_noise = has_outputs, lr, shape_noise
         self.entropy = entropy  # the gradient pass's model output carries per-position entropy (calculate_entropy)
@@ -129,7 +137,7 @@ class FakeEngine:
         return {"loss": [], "metrics": {}, "model_output": {"log_probs": model_log_probs(log_probs, data["response_mask"])}}
 
     def train_batch(self, data, loss_function):
-        metrics = []
+        metrics, returned = [], {}
         micro_batches = self.micro_batches(data, "train")
         if not self.has_outputs:  # Megatron runs the loss on the last pipeline stage only
             self.steps.append([])
@@ -142,11 +150,13 @@ class FakeEngine:
             loss, m = loss_function(model_output=output, data=micro)
             loss.backward()
             metrics.append({k: v.aggregate() if hasattr(v, "aggregate") else v for k, v in m.items()})
+            if self.verl_metrics:
+                append_to_dict(returned, m)
         with torch.no_grad():
             self.theta.sub_(self.lr * self.theta.grad)
             self.theta.grad = None
         self.steps.append(metrics)
-        return {"loss": [0.0], "metrics": {}, "model_output": {}}
+        return {"loss": [0.0], "metrics": returned, "model_output": {}}
 
 
 def make_worker(policy_loss, engine, micro_batch_size=2, dynamic_bsz=False, max_token_len=None, infer_micro_batch_size=None, cls=BAPOTrainingWorker, **actor):
@@ -565,6 +575,66 @@ def test_imbalance_metrics_match_a_direct_count():
     seq_sign = adv.sum(-1).sign()
     assert metrics["actor/bapo/response_length_neg"] == pytest.approx(lengths[seq_sign < 0].mean().item())
     assert metrics["actor/bapo/response_length_pos"] == pytest.approx(lengths[seq_sign > 0].mean().item())
+
+
+def test_imbalance_metrics_without_signal_are_missing():
+    """A mean over nothing is NaN, not 0: both shares when every advantage is 0, the response length of a sign no
+    response has. (With the old 0.0 fallback both checks fail.)"""
+    worker = make_worker(BAPOPolicyLossConfig(), FakeEngine())
+    data = rl_batch(seed=5)
+    data["advantages"].zero_()
+    metrics = worker._imbalance_metrics(data)
+    assert set(metrics) == set(IMBALANCE_METRICS) and all(math.isnan(v) for v in metrics.values())
+    data = rl_batch(seed=5)
+    data["advantages"] = -data["advantages"].abs()  # negatives only
+    metrics = worker._imbalance_metrics(data)
+    assert math.isnan(metrics["actor/bapo/response_length_pos"])
+    assert metrics["actor/bapo/neg_token_share"] == metrics["actor/bapo/neg_adv_mass_share"] == 1.0
+    assert metrics["actor/bapo/response_length_neg"] > 0
+
+
+IMBALANCE_METRICS = ("actor/bapo/neg_token_share", "actor/bapo/neg_adv_mass_share",
+                     "actor/bapo/response_length_pos", "actor/bapo/response_length_neg")  # fmt: skip
+
+
+def logged_step(worker, data, mini_batch_size=4):
+    """The actor metrics of one training step as verl's trainer logs them: train_mini_batch's output through
+    verl's reduce_metrics (mean over the values collected for each key)."""
+    step = data.copy()
+    tu.assign_non_tensor(step, mini_batch_size=mini_batch_size, epochs=1, seed=0, dataloader_kwargs={"shuffle": False})
+    return reduce_metrics(dict(tu.get(worker.train_mini_batch(step), "metrics")))
+
+
+@pytest.mark.parametrize("scope", ["update", "micro_batch"])
+def test_updates_without_signal_log_no_search_metrics(scope):
+    """An update whose tokens all have advantage 0 logs no rho / bounds / search keys, so the step's value is the
+    mean over the updates with signal; a step with no signal at all logs them as NaN (null in the file logger),
+    and its imbalance metrics too. verl's own keys are logged as before. (Broken by logging the search metrics of
+    every update, as before: the step's rho became the mean with update 1's made-up 0.)"""
+    engine = FakeEngine(verl_metrics=True)
+    worker = make_worker(BAPOPolicyLossConfig(scope=scope), engine, micro_batch_size=2)
+    data = rl_batch(seed=4)  # rows 1 and 3 positive: each micro-batch of update 0 has both signs
+    data["old_log_probs"] = data["fake_anchor"] - 0.3 * data["fake_feature"]  # stale: bounds and rho differ from the start
+    data["advantages"][4:] = 0.0  # the second mini-batch, update 1, has no signal
+    metrics = logged_step(worker, data)
+    signal, no_signal = engine.steps
+    assert all(set(SEARCH_METRICS) <= set(m) for m in signal)
+    assert not [k for m in no_signal for k in m if k in SEARCH_METRICS]
+    assert all({"actor/pg_clipfrac", "actor/ppo_kl", "actor/bapo/bounds_from_update"} <= set(m) for m in no_signal)
+    assert all(m["actor/bapo/rho"] > 0 for m in signal)
+    for key in SEARCH_METRICS:
+        assert metrics[key] == pytest.approx(sum(m[key] for m in signal) / len(signal)), key
+    # the imbalance metrics are over the step's whole batch, which has signal in its first half
+    mask, adv = data["response_mask"].bool(), data["advantages"]
+    assert metrics["actor/bapo/neg_adv_mass_share"] == pytest.approx(adv[adv < 0].abs().sum().item() / adv[mask].abs().sum().item())
+
+    engine = FakeEngine(verl_metrics=True)
+    worker = make_worker(BAPOPolicyLossConfig(scope=scope), engine, micro_batch_size=2)
+    data["advantages"].zero_()
+    metrics = logged_step(worker, data)
+    assert not [k for step in engine.steps for m in step for k in m if k in SEARCH_METRICS]
+    assert all(math.isnan(metrics[key]) for key in (*SEARCH_METRICS, *IMBALANCE_METRICS))
+    assert metrics["actor/pg_clipfrac"] == 0.0 and metrics["actor/bapo/bounds_from_update"] == float(scope == "update")
 
 
 def test_plugin_installs_the_worker_class():

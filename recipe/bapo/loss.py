@@ -31,6 +31,18 @@ from .optimizer_step import OptimizerStep
 
 logger = logging.getLogger(__name__)
 RHO_LOG_CAP = 1e6  # rho_definition="ratio" is inf when N = 0; metrics must stay finite (JSON, wandb, means)
+# What the search found. An update without a token of non-zero weighted advantage (w * A) has nothing to balance:
+# its rho would be 0 (or inf), its bounds the start bounds, made up, not measured. Such an update logs none of
+# these keys, so verl's per-step mean is over the updates that had signal; a step with none gets NaN
+# (BAPOTrainingWorker.train_mini_batch), which verl's file logger writes as null.
+SEARCH_METRICS = (
+    "actor/bapo/c_low",
+    "actor/bapo/c_high",
+    "actor/bapo/rho",
+    "actor/bapo/rho_start",
+    "actor/bapo/search_steps",
+    "actor/bapo/target_met",
+)
 _warned_missing_update_bounds = False
 
 
@@ -153,14 +165,19 @@ def compute_policy_loss_bapo(
     values = dict(zip(names, torch.stack([*diagnostics.values(), *extra.values()]).tolist()))  # one host sync
 
     metrics = {f"actor/bapo/{name}": values[name] for name in diagnostics}
+    if bounds.num_signal_tokens > 0:  # else nothing was searched: SEARCH_METRICS stay out (see there)
+        metrics.update(
+            {
+                "actor/bapo/c_low": bounds.c_low,
+                "actor/bapo/c_high": bounds.c_high,
+                "actor/bapo/rho": min(bounds.rho, RHO_LOG_CAP),
+                "actor/bapo/rho_start": min(bounds.rho_start, RHO_LOG_CAP),
+                "actor/bapo/search_steps": float(bounds.steps),
+                "actor/bapo/target_met": float(bounds.target_met),
+            }
+        )
     metrics.update(
         {
-            "actor/bapo/c_low": bounds.c_low,
-            "actor/bapo/c_high": bounds.c_high,
-            "actor/bapo/rho": min(bounds.rho, RHO_LOG_CAP),
-            "actor/bapo/rho_start": min(bounds.rho_start, RHO_LOG_CAP),
-            "actor/bapo/search_steps": float(bounds.steps),
-            "actor/bapo/target_met": float(bounds.target_met),
             "actor/bapo/bounds_from_update": float(from_update),
             "actor/bapo/nonfinite_token_frac": values["nonfinite_token_frac"],
             # verl's standard names, same meaning as its vanilla loss

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -45,7 +46,7 @@ from verl.workers.utils.padding import no_padding_2_padding
 
 from . import optimizer_step, trace
 from .config import BAPOPolicyLossConfig
-from .loss import log_ratio_of, rho_weights
+from .loss import SEARCH_METRICS, log_ratio_of, rho_weights
 from .optimizer_step import OptimizerStep
 
 logger = logging.getLogger(__name__)
@@ -106,11 +107,17 @@ class BAPOTrainingWorker(TrainingWorker):
         return in_loss_call
 
     def train_mini_batch(self, data: TensorDict) -> TensorDict:
+        """verl's training step, plus the step's imbalance metrics, and NaN for the search metrics of a step in
+        which no update had a token with non-zero advantage (each such update logged none; loss.SEARCH_METRICS):
+        the key stays in every step's record, its value missing (null in verl's file logger), not made up."""
         imbalance = self._imbalance_metrics(data) if self._imbalance_metrics_on else {}
         output = super().train_mini_batch(data)
-        if output is not None and imbalance:
+        if output is not None:
             metrics = tu.get(output, "metrics")
             metrics.update({key: [value] for key, value in imbalance.items()})
+            if self._bapo is not None:
+                for key in SEARCH_METRICS:
+                    metrics.setdefault(key, [math.nan])
         return output
 
     def train_batch(self, data: TensorDict) -> TensorDict:
@@ -179,7 +186,10 @@ class BAPOTrainingWorker(TrainingWorker):
 
     # ------------------------------------------------------------------ imbalance (paper finding i)
     def _imbalance_metrics(self, data: TensorDict) -> dict[str, float]:
-        """Negative share of tokens and of |A| mass, and mean response length by advantage sign, per step."""
+        """Negative share of tokens and of |A| mass, and mean response length by advantage sign, per step.
+
+        NaN where the statistic is undefined (a mean over nothing): both shares when no token has a non-zero
+        advantage, a sign's response length when no response has that sign."""
         fields = padded_fields(data, "response_mask", "advantages")
         if len(fields) < 2:
             return {}
@@ -201,7 +211,7 @@ class BAPOTrainingWorker(TrainingWorker):
         neg_tokens, signal_tokens, neg_mass, mass, pos_len, pos_n, neg_len, neg_n = sums.tolist()
 
         def ratio(a, b):
-            return a / b if b > 0 else 0.0
+            return a / b if b > 0 else math.nan
 
         return {
             "actor/bapo/neg_token_share": ratio(neg_tokens, signal_tokens),
