@@ -7,6 +7,8 @@ A run directory holds `metrics.jsonl` (verl's file logger, `trainer.logger=[...,
 VERL_FILE_LOGGER_PATH) or a sweep run's `metrics.attempt<k>.jsonl` files (merged by step,
 recipe/sweep/runs.py), and optionally `run.json` ({"name", "command", "wall_seconds"}). A sweep
 directory (folders made by `python -m recipe.sweep`) gets the sweep report (recipe/sweep/report.py).
+Missing values (absent, NaN or null) are skipped, and so are the made-up values of steps without a token of
+non-zero advantage in older runs (`without_no_signal_values`, recipe/sweep/stats.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from recipe.sweep.report import is_sweep, write_sweep_report
 from recipe.sweep.runs import load_metrics, read_info
+from recipe.sweep.stats import without_no_signal_values
 
 # (title, [(metric key or fnmatch pattern, label)]); a run without a key simply has no line in that panel
 PANELS = [
@@ -65,7 +68,7 @@ def _finite(value) -> bool:
 
 def load_run(run_dir: str | Path, name: str | None = None) -> Run:
     run_dir = Path(run_dir)
-    rows, info = load_metrics(run_dir), read_info(run_dir)
+    rows, info = without_no_signal_values(load_metrics(run_dir)), read_info(run_dir)  # recipe/sweep/stats.py
     return Run(name or info.get("name") or run_dir.name, [r["step"] for r in rows], [r["data"] for r in rows], info)
 
 

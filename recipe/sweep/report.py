@@ -18,7 +18,9 @@ from pathlib import Path
 
 from recipe.sweep.grid import parse_staleness
 from recipe.sweep.runs import attempt_wall, load_metrics, read_info
-from recipe.sweep.stats import COLLAPSE_FRACTION, COLLAPSE_K, mean_interval, run_statistics, series
+from recipe.sweep.stats import (
+    COLLAPSE_FRACTION, COLLAPSE_K, COLLAPSE_WINDOW, mean_interval, run_statistics, series, without_no_signal_values,
+)  # fmt: skip
 
 PANELS = [
     ("train reward", [("critic/score/mean", "")]),
@@ -65,9 +67,11 @@ def load_sweep(sweep_dir: Path) -> list[dict]:
         if not rows or (info.get("attempts") and not info.get("finished")):  # laptop runs: finished ones only
             waiting.append(info["name"] + (f" (at step {rows[-1]['step']})" if rows else ""))
             continue
+        rows = without_no_signal_values(rows)  # the curves skip what steps without signal made up (stats.py)
         for row in rows:
-            if "actor/bapo/neg_adv_mass_share" in row["data"]:
-                row["data"]["derived/pos_adv_mass_share"] = 1 - row["data"]["actor/bapo/neg_adv_mass_share"]
+            neg_share = row["data"].get("actor/bapo/neg_adv_mass_share")
+            if neg_share is not None:
+                row["data"]["derived/pos_adv_mass_share"] = 1 - neg_share
         if info.get("attempts"):  # killed attempts count from their start to their log's last write
             info["wall_seconds"] = sum(attempt_wall(run_dir, a) for a in info["attempts"])
         runs.append({"info": info, "rows": rows, "stats": run_statistics(rows)})
@@ -106,7 +110,8 @@ def val_sources(runs: list[dict]) -> list[str]:
 
 def table(groups: dict, sources: list[str]) -> str:
     head = ["staleness", "method", "seeds", *[f"final val acc {s}" for s in sources], *[c[1] for c in COLUMNS],
-            f"collapsed (reward < {COLLAPSE_FRACTION:g} x peak for {COLLAPSE_K} steps)", "wall s per run"]  # fmt: skip
+            f"collapsed ({COLLAPSE_WINDOW}-step mean reward < {COLLAPSE_FRACTION:g} x its peak for {COLLAPSE_K} steps)",
+            "wall s per run"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (variant, level, method), group in groups.items():
         stat = lambda name: mean_interval([r["stats"].get(name) for r in group])  # noqa: E731
