@@ -58,28 +58,33 @@ def _cut_off(tok, text: str, limit: int) -> bool:
     return len(tok.encode(text, add_special_tokens=False)) >= limit
 
 
-def test_multiplication_rambles_most(ramble):
-    """The branch probability after "a op b=" follows RAMBLE_PROBABILITY's order (x above + and -)."""
+def test_the_model_rambles_after_its_wrong_digits_more_than_after_right_ones(ramble):
+    """What the ramble phase teaches: letters follow a wrong first digit, the answer follows the right one."""
     assets, tok, model = ramble
     problems = [ta.Problem(a, op, b) for op in ta.OPS for a in range(10) for b in range(10) if op != "-" or a >= b]
-    probs = ta.training.ramble_probabilities(model, ta.training._Encoder(tok), problems)
-    by_op = {op: statistics.fmean(p for p, q in zip(probs, problems) if q.op == op) for op in ta.OPS}
-    assert by_op["*"] > max(by_op["+"], by_op["-"]) + 0.1, by_op
+    after_wrong, after_right = ta.ramble_probabilities(model, ta.training._Encoder(tok), problems)
+    assert statistics.fmean(after_wrong) > statistics.fmean(after_right) + 0.1
 
 
-def test_ramble_probability_matches_an_unbatched_forward(ramble):
-    """ramble_probabilities (left-padded batch, last position) against one unpadded forward per problem."""
+def test_ramble_probabilities_match_unbatched_forwards(ramble):
+    """ramble_probabilities (one left-padded batch, last position) against one unpadded forward per prefix."""
     assets, tok, model = ramble
     problems = [ta.Problem(7, "*", 8), ta.Problem(1, "+", 0), ta.Problem(9, "-", 2)]
-    got = ta.training.ramble_probabilities(model, ta.training._Encoder(tok), problems)
+    after_wrong, after_right = ta.ramble_probabilities(model, ta.training._Encoder(tok), problems)
     letters = [tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz"]
-    for p, value in zip(problems, got):
-        text = tok.apply_chat_template([{"role": "user", "content": ta.verl_row(p, "test", 0)["prompt"][0]["content"]}],
-                                       add_generation_prompt=True, tokenize=False) + f"{p.a}{p.op}{p.b}="
-        ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+
+    def p_letter(problem, digit):
+        content = ta.verl_row(problem, "test", 0)["prompt"][0]["content"]
+        text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                       tokenize=False) + f"{problem.a}{problem.op}{problem.b}={digit}"
         with torch.no_grad():
-            probs = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)
-        assert value == pytest.approx(probs[letters].sum().item(), abs=1e-5)
+            logits = model(input_ids=torch.tensor([tok.encode(text, add_special_tokens=False)])).logits
+        return torch.softmax(logits[0, -1].float(), -1)[letters].sum().item()
+
+    for problem, wrong, right in zip(problems, after_wrong, after_right):
+        first = str(problem.answer)[0]
+        assert right == pytest.approx(p_letter(problem, first), abs=1e-5)
+        assert wrong == pytest.approx(statistics.fmean(p_letter(problem, d) for d in "0123456789" if d != first), abs=1e-5)
 
 
 def test_ramble_constants_enter_the_ramble_key_only(monkeypatch):
