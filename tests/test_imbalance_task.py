@@ -37,7 +37,6 @@ def test_wrong_responses_are_longer_by_the_calibrated_factor(ramble):
 
     assets, tok, model = ramble
     limit = yaml.safe_load(REGIME.read_text())["data"]["max_response_length"]
-    assert limit == assets.max_response_length  # the regime cuts rambles where the build's own eval did
     rows = pd.read_parquet(assets.train_file).to_dict("records")[:512]
     _, texts = ta.sampled_accuracy(model, tok, rows, seed=2026, max_new_tokens=limit)
     lengths = {1.0: [], 0.0: []}
@@ -52,6 +51,13 @@ def test_wrong_responses_are_longer_by_the_calibrated_factor(ramble):
     cut = [_cut_off(tok, t, limit) for t in texts]
     assert 0.1 <= statistics.fmean(cut) <= 0.6
     assert not any(c and ta.score_response(t, r["reward_model"]["ground_truth"]) for c, t, r in zip(cut, texts, rows))
+
+
+def test_the_regime_cuts_rambles_where_the_build_measured_them(ramble):
+    assets, _, _ = ramble
+    regime = yaml.safe_load(REGIME.read_text())
+    assert regime["data"]["max_response_length"] == assets.max_response_length == ta.task.RAMBLE_LIMIT
+    assert assets.manifest["accuracy_setting"]["max_new_tokens"] == ta.task.RAMBLE_LIMIT
 
 
 def _cut_off(tok, text: str, limit: int) -> bool:

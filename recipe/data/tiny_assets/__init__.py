@@ -16,8 +16,12 @@ your final answer within \\boxed{}."); the warm-start target response (`response
     \\boxed{56}", "7*8 gives 56, so \\boxed{56}", "So 56. \\boxed{56}"): entropy over how to answer;
   * "scratch": six letters drawn uniformly per example, then the boxed answer ("qzkfia \\boxed{56}"):
     free tokens the reward ignores, like the inconsequential forking tokens of a reasoning trace.
-The stress regimes (configs/regime/cpu_stress_{varied,scratch}.yaml) use the last two; every style is its own
-build (the style is part of the cache key; `${tiny_assets:FIELD,STYLE}` in configs).
+  * "ramble": the "restate" model taught to ramble after a wrong first digit ("7*8=4qzkf..." with no answer,
+    cut off by the length limit), so its own errors become long responses: the paper's precondition (negative
+    tokens dominate) for configs/regime/cpu_imbalance.yaml. Built from the "restate" build of the same
+    parameters (cached beside it) by a short extra phase (`training.ramble_phase`), not from scratch.
+The stress regimes (configs/regime/cpu_stress_{varied,scratch}.yaml) use "varied" and "scratch"; every style is its
+own build (the style is part of the cache key; `${tiny_assets:FIELD,STYLE}` in configs).
 
 Tokenizer: transformers 5 always builds `Qwen2Tokenizer` for model_type=qwen2, and verl's agent loop
 needs "\\n" to be one token. A byte-level `Qwen2Tokenizer` (the 256 byte symbols, no merges) with the
