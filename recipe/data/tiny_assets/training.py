@@ -101,6 +101,18 @@ def _response_probabilities(model, enc, problems, bare, batch_size, style, varia
     return out
 
 
+def _train_step(model, opt, ids, mask, lab):
+    """One AdamW step on the teacher-forced loss (gradient norm clipped to 1); returns the loss."""
+    import torch
+
+    loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
 def warm_start(model, enc: _Encoder, params: TinyAssetsParams, val: list[Problem], log=print) -> dict:
     """Supervised warm start in two phases (bare prompts, then the real prompts); see module docstring."""
     import torch
@@ -128,12 +140,7 @@ def warm_start(model, enc: _Encoder, params: TinyAssetsParams, val: list[Problem
             if params.response_style == "scratch":
                 letters = ["".join(style_rng.choice(SCRATCH_LETTERS) for _ in range(SCRATCH_LENGTH)) for _ in batch]
                 targets = [enc.tok.encode(scratch_response(p, w), add_special_tokens=False) for p, w in zip(batch, letters)]
-            ids, mask, lab = _teacher_forced_batch(enc, batch, bare, True, params.response_style, variants, targets)
-            loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            loss = _train_step(model, opt, *_teacher_forced_batch(enc, batch, bare, True, params.response_style, variants, targets))
             if i % every == 0 or i == max_steps:
                 probs = response_probabilities(model, enc, val, bare=bare, style=params.response_style)
                 acc = sum(probs) / len(probs)
@@ -208,11 +215,7 @@ def ramble_phase(model, enc: _Encoder, params: TinyAssetsParams, val: list[Probl
         for i, (p, ends) in enumerate(zip(batch, with_eos)):
             if not ends:  # the wrong digit is given, not taught: its position is len(prompt) + len("7*8=")
                 lab[i, len(enc.prompt(p)) + len(f"{p.a}{p.op}{p.b}=")] = -100
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = _train_step(model, opt, ids, mask, lab)
         if step % RAMBLE_EVAL_EVERY == 0 or step == RAMBLE_STEPS:
             acc = statistics.fmean(response_probabilities(model, enc, val, style="ramble"))
             after_wrong, after_right = ramble_probabilities(model, enc, val)
