@@ -161,6 +161,7 @@ PINS = [
     sig(f"{TRAINER_BASE}.on_init_end", "(self)", TRAINER),
     sig(f"{TRAINER_BASE}.on_train_begin", "(self)", TRAINER),
     sig(f"{TRAINER_BASE}.on_step_end", "(self)", TRAINER),
+    sig(f"{TRAINER_BASE}.on_sample_end", "(self)", TRAINER + " (while_rollout_alive: verl's abort)"),
     sig(f"{TRAINER_BASE}._save_checkpoint", "(self)", TRAINER),
     sig(f"{TRAINER_BASE}._load_checkpoint", "(self)", TRAINER),
     sig(f"{TRAINER_BASE}._compute_metrics", "(self, batch, metrics, timing_raw, global_steps, epoch)", TRAINER),
@@ -171,7 +172,11 @@ PINS = [
         # _load_checkpoint restores the store records of exactly these prompts
         'tag.get("is_prompt", False) and tag.get("status") in ("pending", "running")',
     ], TRAINER + " _load_checkpoint"),
-    assigns(TRAINER_BASE, ["config", "trainer_mode", "global_steps", "total_training_steps", "replay_buffer"], TRAINER),
+    assigns(TRAINER_BASE, ["config", "trainer_mode", "global_steps", "total_training_steps", "replay_buffer",
+                           "llm_server_manager"], TRAINER),
+    assigns("verl.workers.rollout.llm_server:LLMServerManager", ["server_addresses"], TRAINER + " check_rollout_alive"),
+    exists("vllm.entrypoints.serve.instrumentator.health:health", TRAINER + " check_rollout_alive (GET /health: 503 "
+           "once the engine is dead)"),
     sig("transfer_queue:kv_list", "(partition_id=None)", TRAINER),
     sig("transfer_queue:kv_batch_get", "(keys, partition_id, select_fields=None)", TRAINER + " _compute_metrics"),
     fields("transfer_queue:KVBatchMeta", ["keys", "tags", "partition_id"], TRAINER + " _compute_metrics"),

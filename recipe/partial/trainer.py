@@ -9,6 +9,9 @@ end of sampling, resume after the weight update) and adds:
 * ``_fetch_one_gen_batch``: tags training prompts ``agent_name=bapo_partial`` (persisted with the prompt,
   so re-issued prompts keep it; validation prompts never carry it);
 * ``on_init_end`` / ``on_step_end``: after verl's weight update, ``store.set_version(global_steps)``;
+* ``on_sample_end`` / ``on_step_end``: verl's calls into the rollout engines (the end-of-sampling abort,
+  the weight update and resume) run under ``while_rollout_alive``: with vLLM, a dead engine fails the run
+  with what died instead of hanging it (verl and vLLM wait for a killed engine forever);
 * ``on_train_begin``: warm-up from ``colocate_budget.num_warmup_batches``;
 * ``_save_checkpoint``: waits (<= 5 s) for calls cut by the abort to report, writes
   ``global_step_N/partial_rollout.pt`` (the last reported, consistent state of every session), then verl's
@@ -29,7 +32,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+import urllib.error
+import urllib.request
 
 import ray
 import torch
@@ -47,6 +53,32 @@ from .store import STORE_ACTOR_NAME, PartialRolloutStore
 logger = logging.getLogger(__name__)
 STORE_FILE = "partial_rollout.pt"
 QUIESCE_S = 5.0  # how long a checkpoint waits for aborted calls to report
+HEALTH_TIMEOUT_S = 30.0  # how long a rollout server may take to answer its /health
+HEALTH_POLL_S = 2.0  # how often /health is asked while verl's calls into the rollout engines run
+
+
+def dead_rollout_servers(addresses: list[str], timeout_s: float = HEALTH_TIMEOUT_S) -> list[tuple[str, object]]:
+    """(url, HTTP status or error) of every vLLM server (``host:port``) whose ``/health`` says its engine is
+    dead (vLLM answers 503 on ``EngineDeadError``) or that refuses the connection (the server is gone). A
+    server that does not answer in ``timeout_s`` is only logged: busy is not dead."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the servers' own addresses
+    dead = []
+    for address in addresses:
+        url = f"http://{address}/health"
+        try:
+            with opener.open(url, timeout=timeout_s) as response:
+                status = response.status
+        except urllib.error.HTTPError as error:
+            status = error.code
+        except OSError as error:  # URLError wraps the socket's error in .reason
+            reason = getattr(error, "reason", error)
+            if isinstance(reason, TimeoutError):
+                logger.warning("partial rollout: %s did not answer in %.0f s", url, timeout_s)
+                continue
+            status = f"{type(reason).__name__}: {reason}"
+        if status != 200:
+            dead.append((url, status))
+    return dead
 
 
 class TraceWriter:
@@ -110,8 +142,60 @@ class PPOTrainerColocateBudget(PPOTrainerColocateAsync):
         self._add_async_warmup_batches(self.partial.num_warmup_batches)
 
     def on_step_end(self):
-        super().on_step_end()
+        self.while_rollout_alive("the weight update", super().on_step_end)
         ray.get(self.store.set_version.remote(self.global_steps))
+
+    def on_sample_end(self):
+        self.while_rollout_alive("the end-of-sampling abort", super().on_sample_end)
+
+    # ------------------------------------------------------------------ engine death
+    def check_rollout_alive(self, before: str) -> None:
+        """Raise, saying what died, if a vLLM rollout server's engine is dead (other rollouts: no check)."""
+        if self.config.actor_rollout_ref.rollout.name != "vllm":
+            return
+        manager = getattr(self, "llm_server_manager", None)
+        dead = dead_rollout_servers(getattr(manager, "server_addresses", None) or [])
+        if dead:
+            store = self.store
+            local = isinstance(store, PartialRolloutStore)
+            reported = store.engine_death() if local else ray.get(store.engine_death.remote())
+            raise RuntimeError(
+                f"partial rollout: the rollout engine died (step {self.global_steps}, {before}): "
+                + "; ".join(f"GET {url} -> {status}" for url, status in dead)
+                + " (vLLM answers 503 once its engine process is gone: EngineDeadError)"
+                + (f"; a session's call failed with {reported}" if reported else "")
+            )
+
+    def while_rollout_alive(self, what: str, call):
+        """``call()`` (verl's calls into the rollout engines), checking the engines' health before it and every
+        ``HEALTH_POLL_S`` while it runs; a dead engine raises here (the call is left behind in its thread).
+
+        A session's failed call reports an engine death while sampling runs, and the sampler fails the run.
+        An engine that dies at another moment was only met by these calls, and they wait forever: vLLM does
+        not fail a utility call (``pause_generation``, verl's abort) pending on a dead engine, and verl's
+        weight update streams the weights to the engine's workers with no timeout. Test runs whose engine
+        was killed after sampling hung until killed (one seen waiting in the abort, its sample complete)."""
+        self.check_rollout_alive(what)
+        if self.config.actor_rollout_ref.rollout.name != "vllm":
+            return call()
+        outcome = {}
+
+        def run():
+            try:
+                outcome["result"] = call()
+            except BaseException as error:  # re-raised in the trainer's thread
+                outcome["error"] = error
+
+        worker = threading.Thread(target=run, name=f"partial rollout: {what}", daemon=True)
+        worker.start()
+        while True:
+            worker.join(HEALTH_POLL_S)
+            if not worker.is_alive():
+                break
+            self.check_rollout_alive(what)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("result")
 
     # ------------------------------------------------------------------ checkpoint
     def _save_checkpoint(self):
