@@ -26,7 +26,7 @@ import math
 import statistics
 from pathlib import Path
 
-from recipe.sweep.stats import _finite
+from recipe.sweep.stats import series
 
 
 def _runs(paths: list[str]) -> list[Path]:
@@ -44,7 +44,7 @@ def _rows(run: Path) -> list[dict]:
 
 
 def _values(rows: list[dict], key: str) -> list[float]:
-    return [float(r["data"][key]) for r in rows if _finite(r["data"].get(key))]
+    return series(rows, key)[1]  # the finite values: steps without signal (NaN / null) are skipped
 
 
 def _mean(values: list[float]) -> float:
