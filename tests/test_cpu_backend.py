@@ -87,6 +87,7 @@ report = {
     "platform": get_platform().device_name,
     "pin_memory": CPUOffloadPolicy().pin_memory,
     "engine_device": os.environ.get("VERL_ENGINE_DEVICE"),
+    "logprobs_fallback": __import__("verl.utils.torch_functional", fromlist=["x"]).logprobs_from_logits_v2.__module__,
 }
 if report["platform"] == "cpu":
     import torch.distributed as dist
@@ -128,6 +129,7 @@ def test_without_verl_platform_nothing_is_registered_or_patched(tiny_default_mod
     report = probe(tiny_default_model)
     assert report["platform"] != "cpu"
     assert report["pin_memory"] is True and report["engine_device"] is None
+    assert report["logprobs_fallback"] == "verl.utils.torch_functional"
 
 
 @pytest.mark.slow
@@ -135,9 +137,35 @@ def test_verl_platform_cpu_registers_platform_and_fixes(tiny_default_model):
     report = probe(tiny_default_model, VERL_PLATFORM="cpu")
     assert report["platform"] == "cpu"
     assert report["pin_memory"] is False and report["engine_device"] == "cuda"
+    assert report["logprobs_fallback"] == "recipe.cpu_backend.patches"
     assert report["backend"] == "gloo"
     assert report["value_model"] == "Qwen2ForTokenClassification"
     assert "attn_implementation=sdpa" in report["value_model_error"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(300, 37), (4, 9, 37)])
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 100])  # one chunk / chunks of 2-3 rows, uneven last one
+def test_chunked_logprobs_equal_verls_row_loop_in_value_and_gradient(monkeypatch, dtype, shape, chunk_elements):
+    """Fix 5 against verl's own ``logprobs_from_logits_v2`` (this process never patches verl): bitwise."""
+    import torch
+    from verl.utils import torch_functional as verl_F
+
+    from recipe.cpu_backend import patches
+
+    assert verl_F.logprobs_from_logits_v2.__module__ == "verl.utils.torch_functional"
+    monkeypatch.setattr(patches, "LOGPROB_CHUNK_ELEMENTS", chunk_elements)
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(*shape, generator=gen)).to(getattr(torch, dtype)).requires_grad_()
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=gen)
+    weights = torch.rand(shape[:-1], generator=gen).to(logits.dtype)  # a gradient that differs per token
+    results = []
+    for fn in (verl_F.logprobs_from_logits_v2, patches.logprobs_from_logits_chunked):
+        out = fn(logits, labels)
+        results.append((out, torch.autograd.grad((out * weights).sum(), logits)[0]))
+    (want, want_grad), (got, got_grad) = results
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
 
 
 def test_cpu_platform_is_never_auto_detected(monkeypatch):

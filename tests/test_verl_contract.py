@@ -231,6 +231,9 @@ PINS = [
     sig("torch.distributed.fsdp:CPUOffloadPolicy.__init__", "(self, pin_memory=True)", PATCHES + " fix 2"),
     sig("verl.utils.model:load_valuehead_model", "(local_path, torch_dtype, model_config, trust_remote_code)", PATCHES + " fix 3"),
     source("verl.workers.engine.base:EngineRegistry.get_engine_cls", ['os.getenv("VERL_ENGINE_DEVICE")'], PATCHES + " fix 4"),
+    sig("verl.utils.torch_functional:logprobs_from_logits_v2", "(logits, labels)", PATCHES + " fix 5"),
+    source("verl.utils.torch_functional:logprobs_from_logits", ["output = logprobs_from_logits_v2(logits, labels)"],
+           PATCHES + " fix 5 (the fallback it replaces is reached through the module's global name)"),
     # ---------------------------------------------------------------- CPU backend: the cpu platform
     sig(f"{PLATFORM_BASE}.device_name", "(self)", PLATFORM),
     sig(f"{PLATFORM_BASE}.vendor_name", "(self)", PLATFORM),

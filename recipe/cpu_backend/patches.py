@@ -17,6 +17,12 @@ elsewhere before that (``from verl.utils.distributed import ...``) is re-pointed
    device-agnostic (it asks the platform for the device). verl's own override ``VERL_ENGINE_DEVICE`` is
    set to "cuda" (unless the user set it) so the FSDP2 engine is found; ``config_check`` makes sure the
    strategy is fsdp2 before any worker starts.
+5. Log-probs from logits. Without flash-attn (GPU-only) ``verl.utils.torch_functional.logprobs_from_logits``
+   falls back to ``logprobs_from_logits_v2``, which loops over rows to bound peak memory: one logsumexp per
+   token once padding is removed, thousands of tiny ops forward and backward per micro-batch, ~20% of the
+   CPU demo's step. The replacement computes the same identity (label logit - logsumexp; log_softmax +
+   gather for 16-bit logits) on chunks of rows holding at most ``LOGPROB_CHUNK_ELEMENTS`` logits, so peak
+   memory stays bounded for a large vocabulary; its values and gradients are identical (tested).
 """
 
 from __future__ import annotations
@@ -28,17 +34,19 @@ import sys
 logger = logging.getLogger(__name__)
 
 CPU_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+LOGPROB_CHUNK_ELEMENTS = 1 << 24  # fix 5: logits per chunk (64 MiB in fp32): a 152K vocabulary gets 110 rows
 _applied = False
 
 
 def apply_cpu_fixes() -> None:
-    """Apply fixes 1-4 once per process (idempotent)."""
+    """Apply fixes 1-5 once per process (idempotent)."""
     global _applied
     if _applied:
         return
     _fix_process_group_backend()
     _fix_fsdp2_pin_memory()
     _fix_value_model_attention()
+    _fix_logprobs_row_loop()
     os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
     _applied = True
 
@@ -101,3 +109,25 @@ def _fix_value_model_attention() -> None:
         )
 
     model_utils.load_valuehead_model = load_valuehead_model
+
+
+def _fix_logprobs_row_loop() -> None:
+    import verl.utils.torch_functional as verl_F
+
+    _rebind(verl_F.logprobs_from_logits_v2, logprobs_from_logits_chunked)
+
+
+def logprobs_from_logits_chunked(logits, labels):
+    """CPU replacement of verl's ``logprobs_from_logits_v2`` (fix 5): the same values, per chunk of rows.
+
+    logits: (..., V); labels: (...) -> log-probabilities (...)."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = max(1, LOGPROB_CHUNK_ELEMENTS // max(1, logits[0].numel()))  # verl loops over dim 0
+    if logits.dtype in (torch.float32, torch.float64):
+        label_logits = torch.gather(logits, dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
+        return label_logits - torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in logits.split(rows)])
+    # 16-bit logits: verl avoids logsumexp there for its accuracy; log_softmax + gather as verl does
+    return torch.cat([F.log_softmax(chunk, dim=-1).gather(-1, lab.unsqueeze(-1)).squeeze(-1)
+                      for chunk, lab in zip(logits.split(rows), labels.split(rows), strict=True)])
