@@ -447,6 +447,57 @@ def test_baseline_config_opts_in_to_the_imbalance_metrics():
     assert engine.infer_calls == 0
 
 
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_vanilla_baseline_logs_the_entropy_clip_split_of_verls_clipped_tokens(with_entropy):
+    """GRPO's Entropy-Clip split: verl's loss and metrics unchanged; raising + lowering = verl's own clip fractions
+    (pg_clipfrac + pg_clipfrac_lower); each token classified by the paper's rule, written out per token here."""
+    from verl_batches import model_log_probs, ppo_batch
+
+    eps_low, eps_high, dual_c = 0.2, 0.28, 2.0
+    worker = make_worker(BaselinePolicyLossConfig(loss_mode="vanilla"), FakeEngine(), clip_ratio_low=eps_low,
+                         clip_ratio_high=eps_high, clip_ratio_c=dual_c)
+    gen = torch.Generator().manual_seed(5)
+    bsz, length = 16, 12
+    old = -torch.rand(bsz, length, generator=gen, dtype=torch.float64) * 3
+    log_prob = old + torch.randn(bsz, length, generator=gen, dtype=torch.float64) * 0.6
+    adv = torch.randn(bsz, 1, generator=gen, dtype=torch.float64).expand(bsz, length).contiguous()
+    mask = torch.arange(length)[None, :] < torch.randint(1, length + 1, (bsz,), generator=gen)[:, None]
+    entropy = torch.rand(bsz, length, generator=gen, dtype=torch.float64) * 2
+    output = {"log_probs": model_log_probs(log_prob, mask)}
+    if with_entropy:
+        output["entropy"] = model_log_probs(entropy, mask)
+    loss, metrics = worker.loss_fn(model_output=output, data=ppo_batch(old, adv, mask))
+    plain_loss, plain = ppo_loss(worker._actor_config, dict(output), ppo_batch(old, adv, mask))
+
+    assert torch.equal(loss, plain_loss)
+    suffix = "" if with_entropy else "_proxy"
+    split = {f"actor/bapo/clipfrac_entropy_{side}{suffix}" for side in ("raising", "lowering")}
+    assert set(metrics) == set(plain) | split
+    value = {k: (v.aggregate() if hasattr(v, "aggregate") else v) for k, v in metrics.items()}
+    verl_clipped = value["actor/pg_clipfrac"] + value["actor/pg_clipfrac_lower"]
+    assert verl_clipped > 0.1 and value["actor/pg_clipfrac_lower"] > 0  # both of verl's clip kinds occur
+    assert sum(value[k] for k in split) == pytest.approx(verl_clipped, abs=1e-6)  # float32 fractions; 1 token = 0.005
+
+    mean_log_prob = log_prob[mask].mean().item()
+    raising = lowering = tokens = 0
+    for i in range(bsz):
+        for t in range(length):
+            if not mask[i, t]:
+                continue
+            tokens += 1
+            a, r, lp = adv[i, t].item(), math.exp(log_prob[i, t].item() - old[i, t].item()), log_prob[i, t].item()
+            if not ((a > 0 and r > 1 + eps_high) or (a < 0 and r < 1 - eps_low) or (a < 0 and r > dual_c)):
+                continue
+            low_prob = lp < -entropy[i, t].item() if with_entropy else lp < mean_log_prob  # pi(y_t) < exp(-H_t)
+            if (a > 0 and low_prob) or (a < 0 and not low_prob):
+                raising += 1
+            else:
+                lowering += 1
+    assert value[f"actor/bapo/clipfrac_entropy_raising{suffix}"] == pytest.approx(raising / tokens, abs=1e-6)
+    assert value[f"actor/bapo/clipfrac_entropy_lowering{suffix}"] == pytest.approx(lowering / tokens, abs=1e-6)
+    assert raising > 0 and lowering > 0
+
+
 def test_dynamic_context_parallel_is_refused_at_start_up():
     engine = FakeEngine()
     with pytest.raises(ValueError, match="dynamic_context_parallel"):

@@ -124,12 +124,23 @@ PINS = [
     source("verl.workers.utils.losses:ppo_loss", [
         "pg_loss, pg_metrics = policy_loss_fn(old_log_prob=old_log_prob, log_prob=log_prob, advantages=advantages,"
         "response_mask=response_mask, loss_agg_mode=loss_agg_mode, config=config, rollout_is_weights=rollout_is_weights,)",
-    ], LOSS + "; " + CHANNEL),
+        # the ratio worker._with_entropy_clip_split classifies
+        'old_log_prob = data["old_log_probs"]', 'log_prob = no_padding_2_padding(model_output["log_probs"], data)',
+    ], LOSS + "; " + CHANNEL + "; " + WORKER + " _with_entropy_clip_split"),
     sig("verl.trainer.ppo.core_algos:register_policy_loss", "(name)", LOSS),
     sig("verl.trainer.ppo.core_algos:get_policy_loss_fn", "(name)", "benchmarks/bench_loss.py"),
     sig("verl.trainer.ppo.core_algos:compute_policy_loss_vanilla",
         "(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode='token-mean', config=None, rollout_is_weights=None)",
         LOSS + " (same parameters); benchmarks/bench_loss.py, benchmarks/gpu_check.py"),
+    source("verl.trainer.ppo.core_algos:compute_policy_loss_vanilla", [
+        "clip_ratio_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio",
+        "clip_ratio_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio",
+        '"clip_ratio_c", 3.0',
+        "negative_approx_kl = torch.clamp(negative_approx_kl, min=-20.0, max=20.0)",
+        "pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)",
+    ], WORKER + " vanilla_clip_window, _with_entropy_clip_split (the window it classifies)"),
+    exists("verl.utils.metric:AggregationType.MEAN", WORKER + " _with_entropy_clip_split"),
+    sig("verl.utils.metric:Metric.__init__", "(self, aggregation, value=None)", WORKER + " _with_entropy_clip_split"),
     sig("verl.trainer.ppo.core_algos:agg_loss",
         "(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None)",
         LOSS + " _aggregation_info"),

@@ -53,7 +53,8 @@ def _imbalance_metrics_field():
         metadata=doc(
             "-",
             "log the per-step imbalance statistics (`actor/bapo/neg_token_share`, ...); the same key of "
-            "`BaselinePolicyLossConfig` (`grpo_vanilla`) logs them for baselines",
+            "`BaselinePolicyLossConfig` (`grpo_vanilla`) logs them for baselines, with verl's vanilla loss also the "
+            "Entropy-Clip split of the tokens its window clips (`actor/bapo/clipfrac_entropy_*`)",
         ),
     )
 

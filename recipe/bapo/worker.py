@@ -21,6 +21,11 @@ is inert unless the policy loss opts in: the search only for the "bapo" loss wit
 the imbalance metrics only with `policy_loss.imbalance_metrics` (BAPOPolicyLossConfig,
 BaselinePolicyLossConfig). With verl's own PolicyLossConfig it runs verl's methods unchanged.
 
+With BaselinePolicyLossConfig and verl's "vanilla" loss, the imbalance metrics also include the Entropy-Clip
+split of the tokens verl's window clips (`actor/bapo/clipfrac_entropy_{raising,lowering}`, per micro-batch as the
+bapo loss logs it; `_proxy` without verl's entropy): verl's loss is wrapped, its loss and metrics unchanged, and
+the split is computed from the same inputs (`_with_entropy_clip_split`), so GRPO's split is comparable with BAPO's.
+
 verl internals touched: `TrainingWorker.{set_loss_fn, train_mini_batch, train_batch}` (overridden, each
 calling verl's), `engine.{infer_batch, train_mode, get_data_parallel_group}`, `engine_config.{use_dynamic_bsz,
 max_token_len_per_gpu, micro_batch_size_per_gpu, use_fused_kernels, dynamic_context_parallel}`, and the
@@ -39,8 +44,9 @@ import torch
 import torch.distributed as dist
 from tensordict import NonTensorStack, TensorDict
 
-from bapo_core import ClipSearchResult, path_contributions, reduce_and_select
+from bapo_core import ClipSearchResult, clip_diagnostics, path_contributions, reduce_and_select
 from verl.utils import tensordict_utils as tu
+from verl.utils.metric import AggregationType, Metric
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 from verl.workers.utils.padding import no_padding_2_padding
 
@@ -90,6 +96,8 @@ class BAPOTrainingWorker(TrainingWorker):
                 )
             self._dp_group = self.engine.get_data_parallel_group()
             loss_fn = self._in_loss_call(loss_fn)
+        elif self._imbalance_metrics_on and getattr(policy_loss, "loss_mode", None) == "vanilla":
+            loss_fn = _with_entropy_clip_split(loss_fn, actor_config)
         super().set_loss_fn(loss_fn)
 
     @staticmethod
@@ -219,6 +227,44 @@ class BAPOTrainingWorker(TrainingWorker):
             "actor/bapo/response_length_pos": ratio(pos_len, pos_n),
             "actor/bapo/response_length_neg": ratio(neg_len, neg_n),
         }
+
+
+ENTROPY_CLIP_SPLIT = ("clipfrac_entropy_raising", "clipfrac_entropy_lowering")
+
+
+def vanilla_clip_window(actor_config) -> tuple[float, float, float]:
+    """(c_low, c_high, dual-clip c) of verl's vanilla PPO loss, read as compute_policy_loss_vanilla reads them."""
+    eps = actor_config.clip_ratio
+    eps_low = eps if actor_config.clip_ratio_low is None else actor_config.clip_ratio_low
+    eps_high = eps if actor_config.clip_ratio_high is None else actor_config.clip_ratio_high
+    return 1 - eps_low, 1 + eps_high, actor_config.get("clip_ratio_c", 3.0)
+
+
+def _with_entropy_clip_split(loss_fn, actor_config):
+    """verl's ppo_loss with the "vanilla" policy loss, unchanged, plus the Entropy-Clip split of the tokens its
+    window clips (bapo_core.clip_diagnostics: the bapo loss's own definition), from the same log-probs,
+    old log-probs, advantages and mask, and verl's per-position entropy when it computed one."""
+    c_low, c_high, dual_c = vanilla_clip_window(actor_config)
+
+    @functools.wraps(loss_fn)
+    def loss_with_split(**kwargs):
+        loss, metrics = loss_fn(**kwargs)
+        output, data = kwargs["model_output"], kwargs["data"]
+        with torch.no_grad():
+            log_prob = no_padding_2_padding(output["log_probs"], data)
+            entropy = output.get("entropy", None)
+            entropy = None if entropy is None else no_padding_2_padding(entropy, data)
+            fields = padded_fields(data, "response_mask", "old_log_probs", "advantages")
+            ratio = torch.exp((log_prob - fields["old_log_probs"]).clamp(-20.0, 20.0))  # as verl's vanilla loss
+            split = clip_diagnostics(ratio, fields["advantages"], log_prob, fields["response_mask"], c_low, c_high,
+                                     dual_c, entropy=entropy)
+        names = [name for name in split if name.startswith(ENTROPY_CLIP_SPLIT)]
+        values = torch.stack([split[name] for name in names]).tolist()  # one host sync
+        for name, value in zip(names, values):
+            metrics[f"actor/bapo/{name}"] = Metric(value=value, aggregation=AggregationType.MEAN)
+        return loss, metrics
+
+    return loss_with_split
 
 
 def install() -> None:
