@@ -64,7 +64,7 @@ def grid_count(r: torch.Tensor, grid: tuple[float, ...], step: float, strict: bo
     """
     k = (r - grid[0]).mul_(1.0 / step if step > 0 else 0.0).round_().clamp_(0, len(grid) - 1)  # nearest grid index
     nearest = grid_tensor(grid, r.dtype, r.device).index_select(0, k.long())
-    return k.add_(nearest < r if strict else nearest <= r)
+    return k.add_(nearest.lt_(r) if strict else nearest.le_(r))  # in place: 1.0 where the grid value is below
 
 
 def token_terms(
@@ -79,8 +79,8 @@ def token_terms(
     r = ratio.detach().reshape(-1)
     if r.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"path_contributions: ratio dtype {r.dtype}; promote it with bapo_core.search_dtype (float32 or float64)")
-    counts = mask.reshape(-1).bool() & (r.abs() < math.inf)  # a finite ratio (cheaper than torch.isfinite on CPU)
-    wa = torch.where(counts, advantages.detach().reshape(-1), 0.0).to(torch.float64)
+    counts = r.abs().lt_(math.inf).mul_(mask.reshape(-1))  # 1.0: a counted token with a finite ratio (in place, no isfinite: cheaper on CPU)
+    wa = advantages.detach().reshape(-1).to(torch.float64, copy=True).mul_(counts)  # NaN * 0 is cleared below
     if weights is not None:
         wa.mul_(weights.detach().reshape(-1).to(torch.float64))
     wa.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -112,7 +112,7 @@ def paper_path_sums(
     low_steps = grid_count(r, grid.c_low_grid, spec.c_low_step, strict=False)  # (T,) in [0, L]
     # One bucket per token: a positive at its first c_high step (0..H), a negative after those at its
     # number of c_low steps (H+1 .. H+1+L); each bucket sums r_t |w_t A_t|.
-    bucket = torch.where(wa > 0, first_high_step, low_steps.add_(H + 1)).long()
+    bucket = torch.where(wa > 0, first_high_step, low_steps.add_(H + 1), out=low_steps).long()
     term = wa.abs_().mul_(r.to(torch.float64))  # (T,) r_t |w_t A_t|
     sums = torch.zeros(H + 1 + L + 1, dtype=torch.float64, device=r.device).index_add_(0, bucket, term)
     p_steps, n_steps = sums[: H + 1], sums[H + 1 :]
