@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -84,7 +85,14 @@ def cpu_tiny(assets, out_dir: Path, *extra: str) -> list[str]:
 
 
 def assert_succeeded(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + "\n" + proc.stderr[-8000:]
+    """The tail alone can hide the cause: Ray forwards each process's log, and the first failure (a vLLM
+    worker's, say) scrolls out under the tracebacks of those that died of it. Its error lines come first."""
+    if proc.returncode != 0:
+        errors = dict.fromkeys(re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in proc.stderr.splitlines()
+                               if re.search(r"\b\w*(Error|Exception)\b: ", line))
+        causes = "\n".join(list(errors)[:15])
+        raise AssertionError(f"exit {proc.returncode}; error lines, first 15:\n{causes}\n--- stdout tail:\n"
+                             f"{proc.stdout[-3000:]}\n--- stderr tail:\n{proc.stderr[-8000:]}")
 
 
 def on_grid(value: float, start: float, step: float, stop: float) -> bool:

@@ -2,7 +2,8 @@
 
 Each shim has a test that fails without it: the alias's "+cpu" version (vLLM's CPU platform, no AVX512
 "Illegal instruction"), the oneDNN switch (verl's weight sync; also tests/vllm_server_cases.py, whose weight
-push asserts without it), the requirements list (the wheel's own, minus torch).
+push asserts without it), the rendezvous port (outside the ephemeral range), the requirements list (the
+wheel's own, minus torch).
 """
 
 from __future__ import annotations
@@ -56,6 +57,26 @@ def test_the_onednn_shim_runs_through_vllms_plugin_group_only_on_the_cpu_platfor
     assert on_cpu.returncode == 0 and elsewhere.returncode == 0, on_cpu.stderr[-2000:] + elsewhere.stderr[-2000:]
     assert on_cpu.stdout.split()[-1] == "False"
     assert elsewhere.stdout.split()[-1] == "True"  # this build has oneDNN: without VERL_PLATFORM=cpu nothing changes
+
+
+@pytest.mark.slow  # fresh interpreters that import vLLM
+def test_the_workers_rendezvous_port_is_drawn_outside_the_ephemeral_range_only_on_the_cpu_platform():
+    """vLLM's own choice is an ephemeral port held by nobody until the worker binds it (EADDRINUSE in CI when
+    an outbound connection took it first). The shim's ports: free, above Ray's worker ports, outside the
+    kernel's ephemeral range as /proc tells it, and not fixed by vLLM's seeding of `random`."""
+    code = ("import inspect, random; from vllm.plugins import load_general_plugins; load_general_plugins(); "
+            "from vllm.v1.executor import multiproc_executor as m; "
+            "assert 'get_distributed_init_method(get_loopback_ip(), get_open_port())' in "
+            "' '.join(inspect.getsource(m.MultiprocExecutor._init_executor).split()).replace('( ', '(').replace(' )', ')'); "
+            "ports = [(random.seed(0), m.get_open_port())[1] for _ in range(40)]; print(*ports)")
+    on_cpu, elsewhere = fresh_python(code, VERL_PLATFORM="cpu"), fresh_python(code)
+    assert on_cpu.returncode == 0 and elsewhere.returncode == 0, on_cpu.stderr[-2000:] + elsewhere.stderr[-2000:]
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [int(p) for p in on_cpu.stdout.split()[-40:]]
+    assert all(p > 19999 and not low <= p <= high for p in ports), (low, high, ports)
+    assert len(set(ports)) > 30, ports  # drawn from the OS's entropy, not from the seeded `random`
+    vllms = [int(p) for p in elsewhere.stdout.split()[-40:]]
+    assert all(low <= p <= high for p in vllms), (low, high, vllms)  # without VERL_PLATFORM=cpu: vLLM's own
 
 
 def test_the_requirements_file_is_the_wheels_own_list_minus_torch():
