@@ -65,7 +65,7 @@ def scratch_response(problem: Problem, letters: str) -> str:
 # only by failing less (a ramble and a short wrong answer both score 0, so after a wrong digit RL has no reason to
 # prefer either; after a right digit it learns not to ramble). The reward is the plain last-\boxed{} check.
 RAMBLE_FRACTION = 0.3  # share of the ramble phase's training examples that are rambles
-RAMBLE_LIMIT = 64  # the length limit (tokens) of ramble runs: the build's recommended data.max_response_length
+RAMBLE_LIMIT = 128  # the length limit (tokens) of ramble runs: the build's recommended data.max_response_length
 RAMBLE_LENGTH = RAMBLE_LIMIT  # letters; with "7*8=4" in front past the limit, so a ramble is always cut off
 # A "ramble" build starts from the "restate" build of the same parameters (cached beside it) and learns to ramble
 # in RAMBLE_STEPS steps (training.ramble_phase, evaluated every RAMBLE_EVAL_EVERY); these constants enter the
