@@ -66,8 +66,8 @@ def test_the_workers_rendezvous_port_is_drawn_outside_the_ephemeral_range_only_o
     kernel's ephemeral range as /proc tells it, and not fixed by vLLM's seeding of `random`."""
     code = ("import inspect, random; from vllm.plugins import load_general_plugins; load_general_plugins(); "
             "from vllm.v1.executor import multiproc_executor as m; "
-            "assert 'get_distributed_init_method(get_loopback_ip(), get_open_port())' in "
-            "' '.join(inspect.getsource(m.MultiprocExecutor._init_executor).split()).replace('( ', '(').replace(' )', ')'); "
+            "assert 'get_distributed_init_method(get_loopback_ip(),get_open_port())' in "
+            "''.join(inspect.getsource(m.MultiprocExecutor._init_executor).split()); "
             "ports = [(random.seed(0), m.get_open_port())[1] for _ in range(40)]; print(*ports)")
     on_cpu, elsewhere = fresh_python(code, VERL_PLATFORM="cpu"), fresh_python(code)
     assert on_cpu.returncode == 0 and elsewhere.returncode == 0, on_cpu.stderr[-2000:] + elsewhere.stderr[-2000:]
