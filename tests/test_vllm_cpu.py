@@ -3,7 +3,8 @@
 Each shim has a test that fails without it: the alias's "+cpu" version (vLLM's CPU platform, no AVX512
 "Illegal instruction"), the oneDNN switch (verl's weight sync; also tests/vllm_server_cases.py, whose weight
 push asserts without it), the rendezvous port (outside the ephemeral range), the requirements list (the
-wheel's own, minus torch).
+wheel's own, minus torch). The CPU backend's weight-sync socket (``patches.py`` fix 6) is tested here too: it
+names verl's vLLM sender and receiver.
 """
 
 from __future__ import annotations
@@ -77,6 +78,43 @@ def test_the_workers_rendezvous_port_is_drawn_outside_the_ephemeral_range_only_o
     assert len(set(ports)) > 30, ports  # drawn from the OS's entropy, not from the seeded `random`
     vllms = [int(p) for p in elsewhere.stdout.split()[-40:]]
     assert all(low <= p <= high for p in vllms), (low, high, vllms)  # without VERL_PLATFORM=cpu: vLLM's own
+
+
+WEIGHT_SYNC_NAMES = """
+import os, tempfile, types
+import ray
+from recipe.cpu_backend.testing import VLLM_TINY_HEADS, TinyModelSpec, build_tiny_model, cpu_rollout_config, init_local_ray, vllm_server
+from verl.workers.config import HFModelConfig
+from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
+from verl.workers.rollout.vllm_rollout.vllm_rollout import ServerAdapter
+
+model_dir = build_tiny_model(tempfile.mkdtemp(), TinyModelSpec(**VLLM_TINY_HEADS))
+init_local_ray()
+os.environ.update(RANK="0", RAY_LOCAL_WORLD_SIZE="1")  # as Ray sets them for trainer rank 0
+sender = ServerAdapter(cpu_rollout_config(), HFModelConfig(path=model_dir), device_mesh=None).zmq_handle
+vllm_server(model_dir)  # sets the env var its vLLM workers inherit
+receiver = vLLMColocateWorkerExtension._get_zmq_handle(types.SimpleNamespace(local_rank=0, model_runner=None))
+print("JOB", ray.get_runtime_context().get_job_id(), "SENDER", sender, "RECEIVER", receiver)
+"""
+
+
+@pytest.mark.slow  # two fresh interpreters, each with its own Ray cluster
+def test_two_ray_clusters_on_one_machine_sync_weights_over_different_sockets():
+    """Two runs at once, each with its own local Ray cluster (CI's two trainer tests, a sweep with --jobs 2):
+    verl names the trainer -> vLLM weight-sync socket by the Ray job id, 01000000 in both, so both runs used
+    one socket and hung in CI. Each run's sender (``ServerAdapter``) and receiver (verl's own naming in the vLLM
+    worker, from the env the server sets) must agree, and the two runs must not."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "RAY_ADDRESS")}
+    env.update(VERL_PLATFORM="cpu")
+    runs = [subprocess.Popen([sys.executable, "-c", WEIGHT_SYNC_NAMES], env=env, cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err[-3000:] for _, err in outputs]
+    (job_a, sender_a, receiver_a), (job_b, sender_b, receiver_b) = [
+        re.search(r"JOB (\S+) SENDER (\S+) RECEIVER (\S+)", out).groups() for out, _ in outputs]
+    assert job_a == job_b  # what verl's naming relies on does collide
+    assert sender_a == receiver_a and sender_b == receiver_b, outputs
+    assert sender_a != sender_b
 
 
 def test_the_requirements_file_is_the_wheels_own_list_minus_torch():

@@ -23,10 +23,23 @@ elsewhere before that (``from verl.utils.distributed import ...``) is re-pointed
    CPU demo's step. The replacement computes the same identity (label logit - logsumexp; log_softmax +
    gather for 16-bit logits) on chunks of rows holding at most ``LOGPROB_CHUNK_ELEMENTS`` logits, so peak
    memory stays bounded for a large vocabulary; its values and gradients are identical (tested).
+6. Weight-sync socket per Ray cluster. The trainer pushes weights to its colocated vLLM worker over the ZMQ
+   socket ``ipc:///tmp/rl-colocate-zmq-{job_id}-replica-{r}-rank-{k}.sock``: the sender's name is built in
+   ``vllm_rollout.ServerAdapter.__init__`` from ``ray.get_runtime_context().get_job_id()``, the receiver's
+   (``vllm_rollout.utils`` ``_get_zmq_handle``, in the vLLM worker) from the env var ``VERL_RAY_JOB_ID``
+   that ``vllm_async_server.vLLMHttpServer.__init__`` sets to the same id (verl PR #6246, for two jobs on one
+   host). But every fresh local Ray cluster numbers its first job ``01000000``: two runs on one machine,
+   each with its own cluster (CI's two trainer tests, ``recipe.sweep --jobs 2``), share the socket. The
+   second sender deletes the first one's socket file; a receiver then connects to the other run's sender,
+   and both runs hang in the weight sync (seen in CI). Both names get the node's id in this cluster
+   (``weight_sync_job_id``), applied when verl imports those two modules (``when_imported``).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.abc
+import importlib.util
 import logging
 import os
 import sys
@@ -35,11 +48,12 @@ logger = logging.getLogger(__name__)
 
 CPU_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 LOGPROB_CHUNK_ELEMENTS = 1 << 24  # fix 5: logits per chunk (64 MiB in fp32): a 152K vocabulary gets 110 rows
+WEIGHT_SYNC_SOCKET_PREFIX = "ipc:///tmp/rl-colocate-zmq-"  # fix 6: verl's name, up to the job id
 _applied = False
 
 
 def apply_cpu_fixes() -> None:
-    """Apply fixes 1-5 once per process (idempotent)."""
+    """Apply fixes 1-6 once per process (idempotent)."""
     global _applied
     if _applied:
         return
@@ -47,6 +61,7 @@ def apply_cpu_fixes() -> None:
     _fix_fsdp2_pin_memory()
     _fix_value_model_attention()
     _fix_logprobs_row_loop()
+    _fix_weight_sync_socket()
     os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
     _applied = True
 
@@ -131,3 +146,91 @@ def logprobs_from_logits_chunked(logits, labels):
     # 16-bit logits: verl avoids logsumexp there for its accuracy; log_softmax + gather as verl does
     return torch.cat([F.log_softmax(chunk, dim=-1).gather(-1, lab.unsqueeze(-1)).squeeze(-1)
                       for chunk, lab in zip(logits.split(rows), labels.split(rows), strict=True)])
+
+
+def when_imported(module_name: str, action) -> None:
+    """Call ``action(module)`` once ``module_name`` is imported (now, if it already is): patches a module that
+    imports vLLM without importing it in every process that imports verl."""
+    if module_name in sys.modules:
+        action(sys.modules[module_name])
+        return
+    sys.meta_path.insert(0, _AfterImport(module_name, action))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds ``module_name`` through the other finders, then runs ``action`` after the module's own code."""
+
+    def __init__(self, module_name: str, action) -> None:
+        self.module_name, self.action, self.loader = module_name, action, None
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.module_name:
+            return None
+        sys.meta_path.remove(self)  # one module, once; and the search below must not find this finder again
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        self.loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__spec__.loader = module.__loader__ = self.loader
+        self.loader.exec_module(module)
+        self.action(module)
+
+
+def weight_sync_job_id() -> str:
+    """Fix 6: verl's Ray job id qualified by this node's id in this Ray cluster, unique among the clusters on
+    the machine (the job id alone is ``01000000`` in each). Sender and receiver share a node, so they agree."""
+    import ray
+
+    context = ray.get_runtime_context()
+    return f"{context.get_job_id()}-{context.get_node_id()[:16]}"
+
+
+def _fix_weight_sync_socket() -> None:
+    when_imported("verl.workers.rollout.vllm_rollout.vllm_rollout",
+                  lambda module: _after_init(module.ServerAdapter, _qualify_the_senders_socket))
+    when_imported("verl.workers.rollout.vllm_rollout.vllm_async_server",
+                  lambda module: _after_init(module.vLLMHttpServer, _qualify_the_receivers_socket))
+
+
+def _after_init(cls, after) -> None:
+    """Run ``after(instance)`` at the end of ``cls.__init__`` (once, however often this is applied)."""
+    original = cls.__init__
+    if getattr(original, "qualifies_the_socket", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        after(self)
+
+    __init__.qualifies_the_socket = True
+    cls.__init__ = __init__
+
+
+def _verls_job_id_moved(what: str) -> RuntimeError:
+    return RuntimeError(f"CPU backend fix 6: verl 0.9.1's {what} no longer names the weight-sync socket by the Ray job "
+                        "id; recipe/cpu_backend/patches.py must follow verl's new naming")
+
+
+def _qualify_the_senders_socket(adapter) -> None:
+    import ray
+
+    verls_prefix = f"{WEIGHT_SYNC_SOCKET_PREFIX}{ray.get_runtime_context().get_job_id()}-"
+    if not adapter.zmq_handle.startswith(verls_prefix):
+        raise _verls_job_id_moved(f"ServerAdapter.zmq_handle ({adapter.zmq_handle!r})")
+    adapter.zmq_handle = f"{WEIGHT_SYNC_SOCKET_PREFIX}{weight_sync_job_id()}-{adapter.zmq_handle[len(verls_prefix):]}"
+
+
+def _qualify_the_receivers_socket(server) -> None:
+    """vLLMHttpServer.__init__ set VERL_RAY_JOB_ID, which the vLLM workers it spawns later inherit."""
+    import ray
+
+    if os.environ.get("VERL_RAY_JOB_ID") != ray.get_runtime_context().get_job_id():
+        raise _verls_job_id_moved(f"vLLMHttpServer.__init__ (VERL_RAY_JOB_ID={os.environ.get('VERL_RAY_JOB_ID')!r})")
+    os.environ["VERL_RAY_JOB_ID"] = weight_sync_job_id()

@@ -58,17 +58,28 @@ async def launch_vllm_server(model_dir: str, **rollout):
     ``rollout`` are ``RolloutConfig`` fields (lengths, ``max_num_seqs``, ...). Call from the event loop that
     will use the server: vLLM's engine runs its output handler on that loop.
     """
-    from verl.workers.config import HFModelConfig, RolloutConfig
+    server = vllm_server(model_dir, **rollout)
+    await server.launch_server()
+    return server
+
+
+def cpu_rollout_config(**rollout):
+    """verl's ``RolloutConfig`` for vLLM with the CPU settings of ``configs/cpu_tiny.yaml``."""
+    from verl.workers.config import RolloutConfig
+
+    return RolloutConfig(name="vllm", tensor_model_parallel_size=1, dtype="float32", enforce_eager=True,
+                         enable_sleep_mode=False, load_format="dummy", free_cache_engine=True, n_gpus_per_node=1,
+                         nnodes=1, **rollout)
+
+
+def vllm_server(model_dir: str, **rollout):
+    """verl's ``vLLMHttpServer`` as ``vLLMReplica`` builds it for replica 0 in HYBRID mode (not yet launched)."""
+    from verl.workers.config import HFModelConfig
     from verl.workers.rollout.replica import RolloutMode
     from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer
 
-    config = RolloutConfig(name="vllm", tensor_model_parallel_size=1, dtype="float32", enforce_eager=True,
-                           enable_sleep_mode=False, load_format="dummy", free_cache_engine=True, n_gpus_per_node=1,
-                           nnodes=1, **rollout)
-    server = vLLMHttpServer(config, HFModelConfig(path=model_dir), RolloutMode.HYBRID, workers=[], replica_rank=0,
-                            node_rank=0, gpus_per_node=1, nnodes=1, cuda_visible_devices="0")
-    await server.launch_server()
-    return server
+    return vLLMHttpServer(cpu_rollout_config(**rollout), HFModelConfig(path=model_dir), RolloutMode.HYBRID,
+                          workers=[], replica_rank=0, node_rank=0, gpus_per_node=1, nnodes=1, cuda_visible_devices="0")
 
 
 async def push_weights(server, state: dict, version: int) -> None:
@@ -78,11 +89,12 @@ async def push_weights(server, state: dict, version: int) -> None:
     cleared and the policy version stamped, as the trainer does after an update."""
     import asyncio
 
-    import ray
     from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightSender
 
-    # ServerAdapter's socket name (replica 0, local rank 0 of this Ray job)
-    handle = f"ipc:///tmp/rl-colocate-zmq-{ray.get_runtime_context().get_job_id()}-replica-0-rank-0.sock"
+    from .patches import WEIGHT_SYNC_SOCKET_PREFIX, weight_sync_job_id
+
+    # ServerAdapter's socket name on the cpu platform (patches.py fix 6): replica 0, local rank 0
+    handle = f"{WEIGHT_SYNC_SOCKET_PREFIX}{weight_sync_job_id()}-replica-0-rank-0.sock"
     receive = asyncio.ensure_future(server.collective_rpc("update_weights_from_ipc", kwargs={"use_shm": True}))
     sender = BucketedWeightSender(zmq_handle=handle, use_shm=True,
                                   bucket_size_mb=server.config.checkpoint_engine.update_weights_bucket_megabytes)
