@@ -104,8 +104,7 @@ def test_two_ray_clusters_on_one_machine_sync_weights_over_different_sockets():
     verl names the trainer -> vLLM weight-sync socket by the Ray job id, 01000000 in both, so both runs used
     one socket and hung in CI. Each run's sender (``ServerAdapter``) and receiver (verl's own naming in the vLLM
     worker, from the env the server sets) must agree, and the two runs must not."""
-    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "RAY_ADDRESS")}
-    env.update(VERL_PLATFORM="cpu")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "VERL_PLATFORM": "cpu"}
     runs = [subprocess.Popen([sys.executable, "-c", WEIGHT_SYNC_NAMES], env=env, cwd=ROOT, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outputs = [run.communicate(timeout=300) for run in runs]

@@ -191,6 +191,11 @@ def weight_sync_job_id() -> str:
     return f"{context.get_job_id()}-{context.get_node_id()[:16]}"
 
 
+def weight_sync_socket(replica_and_rank: str) -> str:
+    """Fix 6: the socket of ``replica_and_rank`` (verl's tail of the name, e.g. "replica-0-rank-0.sock")."""
+    return f"{WEIGHT_SYNC_SOCKET_PREFIX}{weight_sync_job_id()}-{replica_and_rank}"
+
+
 def _fix_weight_sync_socket() -> None:
     when_imported("verl.workers.rollout.vllm_rollout.vllm_rollout",
                   lambda module: _after_init(module.ServerAdapter, _qualify_the_senders_socket))
@@ -199,17 +204,14 @@ def _fix_weight_sync_socket() -> None:
 
 
 def _after_init(cls, after) -> None:
-    """Run ``after(instance)`` at the end of ``cls.__init__`` (once, however often this is applied)."""
+    """Run ``after(instance)`` at the end of ``cls.__init__``."""
     original = cls.__init__
-    if getattr(original, "qualifies_the_socket", False):
-        return
 
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
         after(self)
 
-    __init__.qualifies_the_socket = True
     cls.__init__ = __init__
 
 
@@ -224,7 +226,7 @@ def _qualify_the_senders_socket(adapter) -> None:
     verls_prefix = f"{WEIGHT_SYNC_SOCKET_PREFIX}{ray.get_runtime_context().get_job_id()}-"
     if not adapter.zmq_handle.startswith(verls_prefix):
         raise _verls_job_id_moved(f"ServerAdapter.zmq_handle ({adapter.zmq_handle!r})")
-    adapter.zmq_handle = f"{WEIGHT_SYNC_SOCKET_PREFIX}{weight_sync_job_id()}-{adapter.zmq_handle[len(verls_prefix):]}"
+    adapter.zmq_handle = weight_sync_socket(adapter.zmq_handle[len(verls_prefix):])
 
 
 def _qualify_the_receivers_socket(server) -> None:

@@ -91,10 +91,9 @@ async def push_weights(server, state: dict, version: int) -> None:
 
     from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightSender
 
-    from .patches import WEIGHT_SYNC_SOCKET_PREFIX, weight_sync_job_id
+    from .patches import weight_sync_socket
 
-    # ServerAdapter's socket name on the cpu platform (patches.py fix 6): replica 0, local rank 0
-    handle = f"{WEIGHT_SYNC_SOCKET_PREFIX}{weight_sync_job_id()}-replica-0-rank-0.sock"
+    handle = weight_sync_socket("replica-0-rank-0.sock")  # ServerAdapter's on the cpu platform (patches.py fix 6)
     receive = asyncio.ensure_future(server.collective_rpc("update_weights_from_ipc", kwargs={"use_shm": True}))
     sender = BucketedWeightSender(zmq_handle=handle, use_shm=True,
                                   bucket_size_mb=server.config.checkpoint_engine.update_weights_bucket_megabytes)
